@@ -1,0 +1,12 @@
+"""The one seam between model code and kernels.
+
+Model code calls these functions only; each picks the fastest available backend (C++/CUDA
+extension, Triton, PyTorch reference) and falls back with a logged reason.
+"""
+from ._backend import report as backend_report, set_backend
+from .adaln import adaln_modulate, gated_residual, gated_residual_adaln
+from .attention import attention
+from .sampler_step import sampler_step
+
+__all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "attention", "sampler_step",
+           "backend_report", "set_backend"]

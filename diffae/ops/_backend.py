@@ -1,0 +1,106 @@
+"""Backend selection for the op layer.
+
+Every hot op has up to three implementations: the C++/CUDA extension (diffae._C), a Triton
+kernel (diffae.kernels) and the pure-PyTorch reference.  This module finds out once which of the
+first two can be imported, keeps the reason when one cannot, and lets users force a choice with
+DIFFAE_BACKEND=reference|triton|cuda (or ops.set_backend) for debugging and benchmarking.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("diffae.ops")
+
+_availability: dict[str, tuple[bool, str]] = {}
+_forced: str | None = os.environ.get("DIFFAE_BACKEND") or None
+_VALID = ("reference", "triton", "cuda")
+_logged: set[tuple[str, str]] = set()
+
+
+def _probe(name: str, module: str) -> tuple[bool, str]:
+    if name not in _availability:
+        try:
+            importlib.import_module(module)
+            _availability[name] = (True, "ok")
+        except ImportError as exc:  # a missing backend is expected; a broken one raises other errors
+            _availability[name] = (False, f"{type(exc).__name__}: {exc}")
+    return _availability[name]
+
+
+def triton_status() -> tuple[bool, str]:
+    ok, why = _probe("triton", "triton")
+    if not ok:
+        return ok, why
+    return _probe("triton-kernels", "diffae.kernels")
+
+
+def extension_status() -> tuple[bool, str]:
+    if os.environ.get("DIFFAE_NO_EXT") == "1":
+        return False, "DIFFAE_NO_EXT=1"
+    return _probe("extension", "diffae._C")
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every op (None restores automatic choice)."""
+    global _forced
+    if name is not None and name not in _VALID:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_VALID)}")
+    _forced = name
+
+
+def forced_backend() -> str | None:
+    return _forced
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether `op` should run its Triton kernel on these tensors.
+
+    Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 when the reference
+    is not forced.  Automatic mode only picks it on CUDA: the interpreter is for tests.
+    """
+    if _forced == "reference":
+        return False
+    ok, why = triton_status()
+    on_cuda = all(t.is_cuda for t in tensors)
+    wanted = _forced == "triton" or (_forced is None and on_cuda)
+    if wanted and (on_cuda or _interpreting()) and ok:
+        return True
+    if wanted and not ok:
+        _log_fallback(op, why)
+    return False
+
+
+def use_extension(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether `op` should run on the C++/CUDA extension (it has CPU and CUDA kernels)."""
+    if _forced in ("reference", "triton"):
+        return False
+    ok, why = extension_status()
+    if not ok:
+        _log_fallback(op, why)
+    return ok
+
+
+def _log_fallback(op: str, why: str) -> None:
+    if (op, why) not in _logged:
+        _logged.add((op, why))
+        log.info("diffae.ops.%s: using the PyTorch reference (%s)", op, why)
+
+
+def report() -> dict[str, str]:
+    """What `diffae info` prints: each backend and why it is missing."""
+    ok_t, why_t = triton_status()
+    ok_c, why_c = extension_status()
+    return {
+        "forced": _forced or "auto",
+        "triton": "available" if ok_t else f"missing ({why_t})",
+        "extension (diffae._C)": "available" if ok_c else f"missing ({why_c})",
+        "reference": "available",
+    }

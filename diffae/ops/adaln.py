@@ -1,0 +1,83 @@
+"""Adaptive LayerNorm (AdaLN-Zero) ops: the memory-bound glue of every DiT block.
+
+adaln_modulate        LayerNorm without affine, then x * (1 + scale) + shift
+gated_residual        x + gate * y
+gated_residual_adaln  both of the above fused: the residual update of one sublayer and the
+                      modulated LayerNorm input of the next, in one pass over the activations
+
+x is (B, N, C); shift, scale and gate are per sample (B, C) or per token (B, N, C).
+The *_reference functions are the specification: tests, benchmarks and the CPU path use them.
+They compute in fp32 and return x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import use_triton
+
+
+def _check(name: str, x: torch.Tensor, **mods: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be (B, N, C), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
+    B, N, C = x.shape
+    for key, m in mods.items():
+        if m.shape not in ((B, C), (B, N, C)):
+            raise ValueError(f"{name}: {key} must be (B, C) = {(B, C)} or (B, N, C) = {(B, N, C)}, "
+                             f"got {tuple(m.shape)}")
+        if not m.is_floating_point():
+            raise TypeError(f"{name}: {key} must be floating point, got {m.dtype}")
+        if m.device != x.device:
+            raise ValueError(f"{name}: {key} is on {m.device} but x is on {x.device}")
+
+
+def _per_token(m: torch.Tensor) -> torch.Tensor:
+    return m.float().unsqueeze(1) if m.dim() == 2 else m.float()
+
+
+def adaln_modulate_reference(x, shift, scale, eps: float = 1e-6):
+    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (h * (1 + _per_token(scale)) + _per_token(shift)).to(x.dtype)
+
+
+def gated_residual_reference(x, gate, y):
+    return (x.float() + _per_token(gate) * y.float()).to(x.dtype)
+
+
+def gated_residual_adaln_reference(x, gate, y, shift, scale, eps: float = 1e-6):
+    r = gated_residual_reference(x, gate, y)
+    return r, adaln_modulate_reference(r, shift, scale, eps)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """LayerNorm(x) * (1 + scale) + shift, normalising over the last dim without affine."""
+    _check("adaln_modulate", x, shift=shift, scale=scale)
+    if use_triton("adaln_modulate", x, shift, scale):
+        from diffae.kernels import adaln as k
+        return k.adaln_modulate(x, shift, scale, eps)
+    return adaln_modulate_reference(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor):
+    """x + gate * y (the AdaLN-Zero residual update)."""
+    _check("gated_residual", x, gate=gate)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if use_triton("gated_residual", x, gate, y):
+        from diffae.kernels import adaln as k
+        return k.gated_residual(x, gate, y)
+    return gated_residual_reference(x, gate, y)
+
+
+def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
+    """(x + gate * y, adaln_modulate(x + gate * y, shift, scale)) in one pass."""
+    _check("gated_residual_adaln", x, gate=gate, shift=shift, scale=scale)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual_adaln: y must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(y.shape)}")
+    if use_triton("gated_residual_adaln", x, gate, y, shift, scale):
+        from diffae.kernels import adaln as k
+        return k.gated_residual_adaln(x, gate, y, shift, scale, eps)
+    return gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
