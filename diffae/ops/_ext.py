@@ -15,7 +15,11 @@ def has_sampler_step() -> bool:
 
 def sampler_step(x, out, prev, noise, alpha, sigma, pred, clip, coeffs):
     from .sampler_step import PREDICTIONS
-    return tuple(_lib().sampler_step(x, out.contiguous(), prev, noise, float(alpha), float(sigma),
+    # The kernels take contiguous inputs and fp32 prev/noise (the reference upcasts them the same way);
+    # both are no-ops in the sampler loop, where every buffer already is so.
+    prev = None if prev is None else prev.float().contiguous()
+    noise = None if noise is None else noise.float().contiguous()
+    return tuple(_lib().sampler_step(x.contiguous(), out.contiguous(), prev, noise, float(alpha), float(sigma),
                                      PREDICTIONS.index(pred), float(clip), [float(c) for c in coeffs]))
 
 

@@ -1,0 +1,275 @@
+"""The `diffae` command line: train | sample | encode | reconstruct | interpolate | info.
+
+Errors a user can fix print one line (`diffae: error: ...`) and exit with status 2; nothing that
+exists is overwritten unless --overwrite is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from .config import PRESETS
+from .errors import DiffaeError, OutputError
+
+SAMPLER_CHOICES = ("ddim", "ddpm", "euler", "heun", "dpmpp2m")
+
+
+def _device(name: str | None):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffaeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _fresh(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def _save_npy(array, path: Path) -> None:
+    import numpy as np
+    import os
+    import tempfile
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_train(a) -> None:
+    from .config import get_preset
+    from .data import load
+    from .engine import checkpoint
+    from .engine.trainer import Trainer, train_latent_prior
+
+    cfg = get_preset(a.preset)
+    overrides = list(a.set or [])
+    for field, value in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed)):
+        if value is not None:
+            overrides.append(f"train.{field}={value}")
+    if a.compile:
+        overrides.append("train.compile=true")
+    if a.data:
+        overrides.append(f"train.dataset={a.data}")
+    cfg = cfg.override(overrides)
+    device = _device(a.device)
+    data = load(cfg.train.dataset, "train")
+    if data.images.shape[1:] != (cfg.model.channels, cfg.model.img_size, cfg.model.img_size) and a.data:
+        cfg = cfg.override([f"model.channels={data.images.shape[1]}", f"model.img_size={data.images.shape[2]}"])
+    out = Path(a.out or f"runs/{cfg.preset}")
+    trainer = Trainer(cfg, data, out, device, resume=a.resume, quiet=a.quiet)
+    print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {device}; "
+          f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)
+    path = trainer.fit()
+    if a.prior_steps and cfg.encoder.latent != "bernoulli":
+        print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
+        prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
+        state = trainer.state()
+        state["latent_prior"] = {"z_dim": prior.z_dim, "width": prior.width, "depth": prior.depth,
+                                 "state": prior.state_dict()}
+        checkpoint.save(path, state)
+    print(f"checkpoint: {path}")
+
+
+def cmd_sample(a) -> None:
+    from .engine.pipeline import Pipeline
+    from .images import grid, save_png
+
+    out = _fresh(a.out, a.overwrite)
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    x = pipe.sample(a.n, steps=a.steps, sampler=a.sampler, seed=a.seed, eta=a.eta)
+    save_png(grid(x), out, upscale=a.upscale)
+    _save_npy(x.cpu().numpy(), out.with_suffix(".npy"))
+    print(f"wrote {out} and {out.with_suffix('.npy')} ({a.n} samples, {a.sampler}, {a.steps} steps)")
+
+
+def _images(a, pipe, n: int):
+    from .data import load
+    from .errors import InputError
+    data = load(a.data, a.split)
+    if n > len(data):
+        raise InputError(f"asked for {n} images but {data.name} has {len(data)}")
+    return data.images[:n], data
+
+
+def cmd_encode(a) -> None:
+    from .engine.pipeline import Pipeline
+
+    out = _fresh(a.out, a.overwrite)
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    from .data import load
+    data = load(a.data, a.split)
+    images = data.images if a.n is None else data.images[:a.n]
+    t = None if a.t is None else (a.t[0] if len(a.t) == 1 else a.t)
+    z = pipe.encode(images, t)
+    _save_npy(z.cpu().numpy(), out)
+    if data.labels is not None:
+        _save_npy(data.labels[:images.shape[0]].numpy(), out.with_name(out.stem + "_labels.npy"))
+    print(f"wrote {out}: {tuple(z.shape)} embeddings of {data.name}")
+
+
+def cmd_reconstruct(a) -> None:
+    import torch
+    from .engine.pipeline import Pipeline
+    from .images import grid, save_png
+
+    out = _fresh(a.out, a.overwrite)
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    images, _ = _images(a, pipe, a.n)
+    rec, m = pipe.reconstruct(images, steps=a.steps, invert=not a.no_invert)
+    pairs = torch.stack([images.to(rec.device), rec], 1).flatten(0, 1)  # original, reconstruction, ...
+    save_png(grid(pairs, nrow=2 * min(a.n, 8)), out, upscale=a.upscale)
+    print(f"wrote {out}; MSE {m['mse']:.3e}  PSNR {m['psnr']:.2f} dB "
+          f"({'DDIM-inverted' if not a.no_invert else 'random'} x_T, {a.steps} steps)")
+
+
+def cmd_interpolate(a) -> None:
+    from .engine.pipeline import Pipeline
+    from .images import grid, save_png
+    from .data import load
+    from .errors import InputError
+
+    out = _fresh(a.out, a.overwrite)
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    data = load(a.data, a.split)
+    for i in (a.a, a.b):
+        if not 0 <= i < len(data):
+            raise InputError(f"image index {i} is outside {data.name} (0..{len(data) - 1})")
+    x = pipe.interpolate(data.images[a.a], data.images[a.b], n=a.n, steps=a.steps)
+    save_png(grid(x, nrow=a.n), out, upscale=a.upscale)
+    print(f"wrote {out}: {a.n} images from #{a.a} to #{a.b}")
+
+
+def cmd_info(a) -> None:
+    import torch
+    from . import __version__
+    from .ops import backend_report
+
+    info = {"diffae": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"}
+    try:
+        import triton
+        info["triton_version"] = triton.__version__
+    except ImportError:
+        info["triton_version"] = "not installed"
+    info.update({f"backend {k}": v for k, v in backend_report().items()})
+    info["presets"] = ", ".join(PRESETS)
+    if a.json:
+        print(json.dumps(info, indent=1))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+
+
+# --- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffae", description="Diffusion autoencoders: train, sample, encode.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, ckpt=True):
+        if ckpt:
+            sp.add_argument("--ckpt", default="runs/dae-tiny/last.pt", help="checkpoint (default: %(default)s)")
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    def data_args(sp):
+        sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist, synthetic, .npy/.npz or image folder")
+        sp.add_argument("--split", default="test", choices=("train", "test"))
+
+    t = sub.add_parser("train", help="train a diffusion autoencoder (default: dae-tiny on Fashion-MNIST)")
+    t.add_argument("--preset", default="dae-tiny", choices=PRESETS)
+    t.add_argument("--data", default=None, help="dataset (default: the preset's, fashion-mnist)")
+    t.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--prior-steps", type=int, default=2000, help="latent prior steps after training (0: none)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images: PNG grid + .npy")
+    common(s)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--sampler", default="ddim", choices=SAMPLER_CHOICES)
+    s.add_argument("--eta", type=float, default=None, help="DDIM stochasticity (ddim only)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--upscale", type=int, default=2)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("encode", help="images to embeddings (.npy)")
+    common(e)
+    data_args(e)
+    e.add_argument("--out", default="z.npy")
+    e.add_argument("--n", type=int, default=None, help="first n images (default: all)")
+    e.add_argument("--t", type=float, nargs="+", default=None, help="noise level(s) for time-dependent encoders")
+    e.set_defaults(func=cmd_encode)
+
+    r = sub.add_parser("reconstruct", help="encode + DDIM inversion + decode; prints MSE and PSNR")
+    common(r)
+    data_args(r)
+    r.add_argument("--out", default="reconstruction.png")
+    r.add_argument("--n", type=int, default=16)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--no-invert", action="store_true", help="decode from random x_T (what z alone keeps)")
+    r.add_argument("--upscale", type=int, default=2)
+    r.set_defaults(func=cmd_reconstruct)
+
+    i = sub.add_parser("interpolate", help="lerp z and slerp x_T between two images; PNG strip")
+    common(i)
+    data_args(i)
+    i.add_argument("--a", type=int, default=0, help="index of the first image")
+    i.add_argument("--b", type=int, default=1, help="index of the second image")
+    i.add_argument("--n", type=int, default=8)
+    i.add_argument("--steps", type=int, default=20)
+    i.add_argument("--out", default="interpolation.png")
+    i.add_argument("--upscale", type=int, default=2)
+    i.set_defaults(func=cmd_interpolate)
+
+    f = sub.add_parser("info", help="versions, device and which kernel backends are present")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DiffaeError as exc:
+        print(f"diffae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffae: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        import torch
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            print(f"diffae: error: out of GPU memory ({args.command}); lower the batch size or use a smaller "
+                  "preset", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

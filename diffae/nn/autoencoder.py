@@ -1,0 +1,107 @@
+"""The diffusion autoencoder: encoder E(x0[, t]) + latent head + DiT denoiser D(x_t, t, z)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..diffusion.objectives import loss_weight, sampling_prediction, target
+from ..diffusion.process import Process
+from ..errors import InputError
+from .dit import DiT
+from .encoder import Encoder
+from .latent import Latent
+
+DEFAULT_CODE_T = 0.5  # where a time-dependent encoder is read when no t is given
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor      # scalar, what is minimised
+    denoise: torch.Tensor   # scalar, the weighted denoising term
+    reg: torch.Tensor       # scalar, the latent head's penalty
+
+
+class DiffusionAutoencoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.process = Process(cfg.diffusion)
+        self.encoder = Encoder(cfg.model, cfg.encoder)
+        self.denoiser = DiT(cfg.model, cfg.encoder.z_dim)
+
+    # --- inputs -----------------------------------------------------------------------------
+    def check_images(self, x: torch.Tensor, name: str = "images") -> torch.Tensor:
+        m = self.cfg.model
+        want = (m.channels, m.img_size, m.img_size)
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise InputError(f"{name} must be (B, {want[0]}, {want[1]}, {want[2]}) for preset "
+                             f"{self.cfg.preset!r}, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise InputError(f"{name} is an empty batch")
+        if not x.is_floating_point():
+            raise InputError(f"{name} must be floating point in [-1, 1], got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"{name} contain NaN or Inf")
+        device = next(self.parameters()).device
+        if x.device != device:
+            raise InputError(f"{name} are on {x.device} but the model is on {device}")
+        return x
+
+    def check_latents(self, z: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        zd = self.cfg.encoder.z_dim
+        if z.dim() != 2 or z.shape[1] != zd or (n is not None and z.shape[0] != n):
+            raise InputError(f"z must be ({n or 'B'}, {zd}), got shape {tuple(z.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise InputError("z contains NaN or Inf")
+        return z
+
+    # --- the two networks -------------------------------------------------------------------
+    def encode_latent(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False) -> Latent:
+        if self.encoder.time_dependent and t is None:
+            t = torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device)
+        return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Network output for x_t at times t (B,) given z; input scaling for the process applied."""
+        alpha, sigma = self.process.alpha_sigma(t)
+        scale = self.process.input_scale(alpha, sigma).view(-1, 1, 1, 1)
+        return self.denoiser(x_t * scale.to(x_t.dtype), t, z)
+
+    @property
+    def sampling_prediction(self) -> str:
+        return sampling_prediction(self.cfg.diffusion.prediction)
+
+    # --- public API -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor, t: float | list[float] | None = None) -> torch.Tensor:
+        """Semantic embedding of images in [-1, 1]: (B, z_dim), or (B, len(t) * z_dim) when t is a
+        list (a time-dependent encoder's codes at several noise levels, concatenated)."""
+        self.check_images(x0)
+        if t is None or isinstance(t, (int, float)):
+            tt = None if t is None else torch.full((x0.shape[0],), float(t), device=x0.device)
+            return self.encode_latent(x0, tt).embedding.float()
+        if not self.encoder.time_dependent:
+            raise InputError("a list of t needs a time-dependent encoder (encoder.kind='time')")
+        return torch.cat([self.encode(x0, float(ti)) for ti in t], -1)
+
+    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """One Monte-Carlo estimate of the training objective on a batch of clean images."""
+        B = x0.shape[0]
+        d = self.cfg.diffusion
+        t = self.process.sample_t(B, x0.device, generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        alpha, sigma = self.process.alpha_sigma(t)
+        a4, s4 = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+        x_t = a4 * x0 + s4 * eps
+        latent = self.encode_latent(x0, t, sample=True)
+        out = self.denoise(x_t, t, latent.z)
+        per_sample = (out.float() - target(d.prediction, x0, eps, a4, s4)).pow(2).mean((1, 2, 3))
+        w = loss_weight(d.prediction, d.weighting, alpha, sigma, d.min_snr_gamma)
+        denoise_loss = (w * per_sample).mean()
+        return LossOutput(denoise_loss + latent.reg, denoise_loss, latent.reg)

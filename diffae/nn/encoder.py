@@ -1,0 +1,43 @@
+"""ViT encoders: static E(x0) and time-dependent E(x0, t).
+
+Both use the AdaLN-Zero block.  The time-dependent encoder conditions every block on an embedding
+of t (so each image maps to a curve of codes over t, as in DRL and the multi-level DAE); the
+static encoder conditions on a learned constant, which makes its AdaLN a learned affine LayerNorm
+with zero-initialised residual gates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import EncoderConfig, ModelConfig
+from .latent import Latent, make_latent_head
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding
+
+
+class Encoder(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_dependent = cfg.kind == "time"
+        self.x_embed = PatchEmbed(model_cfg.channels, cfg.dim, cfg.patch, model_cfg.img_size)
+        if self.time_dependent:
+            self.t_embed = TimestepEmbedding(cfg.dim)
+        else:
+            self.const = nn.Parameter(torch.randn(cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(AdaLNBlock(cfg.dim, cfg.heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = make_latent_head(cfg.latent, cfg.dim, cfg.z_dim, cfg.l1_weight, cfg.kl_weight)
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False) -> Latent:
+        B = x0.shape[0]
+        if self.time_dependent:
+            if t is None:
+                raise ValueError("a time-dependent encoder needs t")
+            c = self.t_embed(t)
+        else:
+            c = self.const.expand(B, -1)
+        h = self.x_embed(x0)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.head(self.norm(h.mean(1).float()), sample=sample)  # pooled (B, dim) -> Latent

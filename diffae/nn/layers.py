@@ -1,0 +1,102 @@
+"""Transformer building blocks shared by the DiT denoiser and the ViT encoders.
+
+Every hot op goes through diffae.ops (AdaLN modulate, gated residual, attention), so the kernels
+plug in without touching model code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of 1000*t (t in [0, 1]) followed by a two-layer MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / half), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        a = 1000.0 * t.float()[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([torch.cos(a), torch.sin(a)], -1))  # (B, dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens, plus a learned positional embedding."""
+
+    def __init__(self, channels: int, dim: int, patch: int, img_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.randn(1, (img_size // patch) ** 2, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
+
+    def forward(self, x: torch.Tensor, kv_extra: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # packed, no permute
+        if kv_extra is not None:
+            kv_extra = kv_extra.to(qkv.dtype)
+        return self.proj(ops.attention(qkv, self.q_norm, self.k_norm, kv_extra))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNBlock(nn.Module):
+    """Transformer block with AdaLN-Zero: shift, scale and gate of both sublayers come from a
+    conditioning vector c (B, dim); the gates start at zero so every block starts as identity.
+
+    z_scale (B, 2*dim), when given, multiplies each sublayer's modulated input by (1 + z_scale)
+    (DiffAE-style conditioning); it is folded into shift and scale, so the fused op is unchanged.
+    kv_extra (B, M, dim) are extra tokens every query also attends to (cross-attention on z).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 cross_tokens: bool = False):
+        super().__init__()
+        self.attn = Attention(dim, heads, qk_norm)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.ada = nn.Linear(dim, 6 * dim)
+        self.kv = nn.Linear(dim, 2 * dim) if cross_tokens else None
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, c, z_scale=None, z_tokens=None):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)  # each (B, C)
+        if z_scale is not None:
+            zs1, zs2 = z_scale.chunk(2, -1)
+            sh1, sc1 = sh1 * (1 + zs1), (1 + sc1) * (1 + zs1) - 1
+            sh2, sc2 = sh2 * (1 + zs2), (1 + sc2) * (1 + zs2) - 1
+        kv_extra = None
+        if z_tokens is not None:
+            B, M, C = z_tokens.shape
+            a = self.attn
+            kv_extra = self.kv(z_tokens).view(B, M, 2, a.heads, a.head_dim)
+        h = ops.adaln_modulate(x, sh1, sc1)
+        x, h = ops.gated_residual_adaln(x, g1, self.attn(h, kv_extra).to(x.dtype), sh2, sc2)
+        return ops.gated_residual(x, g2, self.mlp(h).to(x.dtype))
