@@ -1,0 +1,58 @@
+"""Shared GPU benchmark helpers: timing with CUDA events (median), ceilings measured in the same
+run, and JSON results under benchmarks/results/<gpu>-<name>.json with versions and the command."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() with CUDA events (triton.testing.do_bench; warmup/rep in ms)."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def ceilings() -> dict:
+    """Device-to-device copy rate (bytes read + written) and the bf16 matmul rate, measured now."""
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_tbps = 2 * x.numel() * 2 / time_ms(lambda: y.copy_(x)) / 1e9
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    mm_tflops = 2 * 8192 ** 3 / time_ms(lambda: a @ b) / 1e9
+    return {"copy_TBps": round(copy_tbps, 3), "bf16_matmul_TFLOPs": round(mm_tflops, 1)}
+
+
+def environment() -> dict:
+    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def write_result(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
+    """Write {environment, **payload} to <out_dir or benchmarks/results>/<gpu>-<name>.json."""
+    out = Path(out_dir) if out_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{gpu_slug()}-{name}.json"
+    path.write_text(json.dumps({**environment(), **payload}, indent=1) + "\n")
+    return path
