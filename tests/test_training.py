@@ -49,3 +49,13 @@ def test_checkpoint_holds_config_and_loads_weights_only(micro_cfg, tmp_path):
     assert set(payload) >= {"format", "config", "model", "ema", "optimizer", "step", "rng", "sampler"}
     assert checkpoint.config_of(payload) == micro_cfg
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_nvtx_ranges_can_be_switched_on(micro_cfg, tmp_path):
+    from diffae import profiling
+    profiling.enable(True)
+    try:
+        Trainer(micro_cfg, synthetic(n=32), tmp_path, quiet=True).fit(steps=1)
+    finally:
+        profiling.enable(False)
+    assert profiling.enabled() is False

@@ -19,6 +19,7 @@ from ..diffusion.process import Process
 from ..errors import ConfigError, DataError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
+from ..profiling import nvtx_range
 from . import checkpoint
 from .progress import Progress
 
@@ -134,20 +135,24 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         t = self.cfg.train
-        x0 = self.data.images[self.sampler.next().to(self.device)]
-        if t.augment_flip:
-            flip = torch.rand(x0.shape[0], 1, 1, 1, device=self.device) < 0.5
-            x0 = torch.where(flip, x0.flip(-1), x0)
+        with nvtx_range("data"):
+            x0 = self.data.images[self.sampler.next().to(self.device)]
+            if t.augment_flip:
+                flip = torch.rand(x0.shape[0], 1, 1, 1, device=self.device) < 0.5
+                x0 = torch.where(flip, x0.flip(-1), x0)
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        with autocast(self.device, t.bf16):
+        with nvtx_range("forward"), autocast(self.device, t.bf16):
             out = self.loss_fn(x0)
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt.step()
-        self._update_ema()
+        with nvtx_range("backward"):
+            self.opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+        with nvtx_range("optimizer"):
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.opt.step()
+        with nvtx_range("ema"):
+            self._update_ema()
         self.step += 1
         return torch.stack([out.loss.detach(), out.denoise.detach(), out.reg.detach()])
 

@@ -10,6 +10,7 @@ from ..config import Config
 from ..diffusion.objectives import loss_weight, sampling_prediction, target
 from ..diffusion.process import Process
 from ..errors import InputError
+from ..profiling import nvtx_range
 from .dit import DiT
 from .encoder import Encoder
 from .latent import Latent
@@ -99,8 +100,10 @@ class DiffusionAutoencoder(nn.Module):
         alpha, sigma = self.process.alpha_sigma(t)
         a4, s4 = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         x_t = a4 * x0 + s4 * eps
-        latent = self.encode_latent(x0, t, sample=True)
-        out = self.denoise(x_t, t, latent.z)
+        with nvtx_range("encoder"):
+            latent = self.encode_latent(x0, t, sample=True)
+        with nvtx_range("denoiser"):
+            out = self.denoise(x_t, t, latent.z)
         per_sample = (out.float() - target(d.prediction, x0, eps, a4, s4)).pow(2).mean((1, 2, 3))
         w = loss_weight(d.prediction, d.weighting, alpha, sigma, d.min_snr_gamma)
         denoise_loss = (w * per_sample).mean()
