@@ -9,13 +9,17 @@ from pathlib import Path
 
 import torch
 
+from ..config import DiffusionConfig
 from ..diffusion import samplers
 from ..diffusion.process import Process
 from ..errors import CheckpointError, ConfigError, InputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
 from . import checkpoint
+from .graphs import BUCKETS, GraphCache, bucket_for
 from .trainer import autocast
+
+PRIOR_PROCESS = Process(DiffusionConfig(process="vp-cosine"))  # the latent prior's own process
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -29,15 +33,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 class Pipeline:
-    def __init__(self, model: DiffusionAutoencoder, prior: LatentPrior | None = None):
+    """compile: torch.compile the denoiser (and latent prior) for inference.
+    cuda_graph: capture whole sampling loops in CUDA graphs (CUDA only), one per batch bucket."""
+
+    def __init__(self, model: DiffusionAutoencoder, prior: LatentPrior | None = None,
+                 compile: bool = False, cuda_graph: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.prior = prior
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
+        if cuda_graph and self.device.type != "cuda":
+            raise ConfigError("cuda_graph=True needs the model on a CUDA device")
+        self.net = torch.compile(model.denoiser, dynamic=False) if compile else model.denoiser
+        self.prior_net = None if prior is None else (torch.compile(prior, dynamic=False) if compile else prior)
+        self.graphs = GraphCache(self._run) if cuda_graph else None
+        self.last_capture_s = 0.0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        use_ema: bool = True) -> "Pipeline":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None, use_ema: bool = True,
+                        compile: bool = False, cuda_graph: bool = False) -> "Pipeline":
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         payload = checkpoint.load(path, map_location=device)
         cfg = checkpoint.config_of(payload, path)
@@ -49,14 +63,14 @@ class Pipeline:
             prior = LatentPrior(int(p["z_dim"]), int(p["width"]), int(p["depth"])).to(device)
             checkpoint.load_model_state(prior, p["state"], path, "latent prior")
             prior.eval().requires_grad_(False)
-        return cls(model, prior)
+        return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
 
     # --- pieces -----------------------------------------------------------------------------
-    def _denoise_fn(self, z: torch.Tensor):
+    def _denoise_fn(self, z: torch.Tensor, net=None):
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
             tt = torch.full((x.shape[0],), t, device=x.device)
             with autocast(self.device, self.cfg.train.bf16):
-                return self.model.denoise(x, tt, z)
+                return self.model.denoise(x, tt, z, net)
         return denoise
 
     def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,6 +93,21 @@ class Pipeline:
             raise InputError(f"images must be a torch.Tensor, got {type(x).__name__}")
         return self.model.check_images(x.to(self.device).float())
 
+    def _prior_sample(self, zs: torch.Tensor, steps: int) -> torch.Tensor:
+        net = self.prior_net
+
+        def denoise(z: torch.Tensor, t: float) -> torch.Tensor:
+            return net(z, torch.full((z.shape[0],), t, device=z.device))
+        return self.prior.destandardise(samplers.sample(denoise, zs, PRIOR_PROCESS, steps, "ddim", clip=0.0))
+
+    def _run(self, inputs: dict, steps: int, sampler: str, eta, prior_steps: int = 50) -> torch.Tensor:
+        """The whole generation, from pre-drawn randomness to images; no host syncs (graph-capturable)."""
+        z = inputs["z"] if "z" in inputs else self._prior_sample(inputs["zs"], prior_steps)
+        noises = list(inputs["noises"].unbind(0)) if "noises" in inputs else None
+        x = samplers.sample(self._denoise_fn(z, self.net), inputs["x"], self.model.process, steps, sampler,
+                            self.model.sampling_prediction, eta=eta, noises=noises)
+        return x.clamp(-1, 1)
+
     # --- public -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor, t: float | list[float] | None = None, batch_size: int = 512):
@@ -96,15 +125,26 @@ class Pipeline:
         g = self._generator(seed)
         zd = self.cfg.encoder.z_dim
         if self.prior is not None:
-            zs = torch.randn(n, zd, generator=g, device=self.device)
-            zs = samplers.sample(lambda z, t: self.prior(z, torch.full((z.shape[0],), t, device=z.device)),
-                                 zs, Process(self.cfg.diffusion.__class__(process="vp-cosine")), steps,
-                                 "ddim", clip=0.0)
-            return self.prior.destandardise(zs)
+            return self._prior_sample(torch.randn(n, zd, generator=g, device=self.device), steps)
         if self.cfg.encoder.latent == "deterministic":
             raise CheckpointError("this checkpoint has no latent prior, and a deterministic code has no "
                                   "prior of its own: train one (diffae train --prior-steps N) or pass z")
         return self.model.encoder.head.prior_sample(n, zd, generator=g, device=self.device)
+
+    def _draw(self, n: int, steps: int, sampler: str, eta, seed, z, prior_steps: int) -> dict:
+        """All the randomness of one generation, drawn in a fixed order from seeded generators."""
+        inputs = {}
+        if z is not None:
+            inputs["z"] = self.model.check_latents(z.to(self.device).float(), n)
+        elif self.prior is not None:
+            inputs["zs"] = torch.randn(n, self.cfg.encoder.z_dim, generator=self._generator(seed), device=self.device)
+        else:
+            inputs["z"] = self.sample_latents(n, prior_steps, seed)
+        g = self._generator(None if seed is None else seed + 1)
+        inputs["x"] = self._noise(n, g)
+        if sampler == "ddpm" or (sampler == "ddim" and eta):
+            inputs["noises"] = torch.randn(steps, *inputs["x"].shape, generator=g, device=self.device)
+        return inputs
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 20, sampler: str = "ddim", seed: int | None = 0,
@@ -114,12 +154,30 @@ class Pipeline:
             raise InputError(f"number of samples must be >= 1, got {n}")
         if sampler not in samplers.SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
-        z = self.sample_latents(n, prior_steps, seed) if z is None else self.model.check_latents(z.to(self.device), n)
-        g = self._generator(None if seed is None else seed + 1)
-        x = self._noise(n, g)
-        out = samplers.sample(self._denoise_fn(z), x, self.model.process, steps, sampler,
-                              self.model.sampling_prediction, eta=eta, generator=g)
-        return out.clamp(-1, 1)
+        inputs = self._draw(n, steps, sampler, eta, seed, z, prior_steps)
+        if self.graphs is None:
+            return self._run(inputs, steps, sampler, eta, prior_steps)
+        outs = []
+        for i in range(0, n, BUCKETS[-1]):
+            part = {k: (v[:, i:i + BUCKETS[-1]] if k == "noises" else v[i:i + BUCKETS[-1]]) for k, v in inputs.items()}
+            outs.append(self._replay(part, steps, sampler, eta, prior_steps))
+        return torch.cat(outs)
+
+    def _replay(self, inputs: dict, steps: int, sampler: str, eta, prior_steps: int) -> torch.Tensor:
+        n = inputs["x"].shape[0]
+        b = bucket_for(n)
+        key = (b, steps, sampler, eta, tuple(sorted(inputs)), prior_steps)
+
+        def make_static():  # random, not zeros: padded rows must stay finite through the network
+            return {k: (torch.randn(v.shape[0], b, *v.shape[2:], device=self.device) if k == "noises"
+                        else torch.randn(b, *v.shape[1:], device=self.device)) for k, v in inputs.items()}
+        entry, captured = self.graphs.get(key, make_static)
+        if captured:
+            self.last_capture_s = entry.capture_s
+        for k, v in inputs.items():
+            (entry.inputs[k][:, :n] if k == "noises" else entry.inputs[k][:n]).copy_(v)
+        entry.graph.replay()
+        return entry.output[:n].clone()
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, z: torch.Tensor, steps: int = 20) -> torch.Tensor:

@@ -68,11 +68,12 @@ class DiffusionAutoencoder(nn.Module):
             t = torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device)
         return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Network output for x_t at times t (B,) given z; input scaling for the process applied."""
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, net=None) -> torch.Tensor:
+        """Network output for x_t at times t (B,) given z; input scaling for the process applied.
+        `net` replaces the denoiser module (a torch.compile'd copy, for inference)."""
         alpha, sigma = self.process.alpha_sigma(t)
         scale = self.process.input_scale(alpha, sigma).view(-1, 1, 1, 1)
-        return self.denoiser(x_t * scale.to(x_t.dtype), t, z)
+        return (net or self.denoiser)(x_t * scale.to(x_t.dtype), t, z)
 
     @property
     def sampling_prediction(self) -> str:
