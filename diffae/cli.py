@@ -88,7 +88,7 @@ def cmd_sample(a) -> None:
     from .images import grid, save_png
 
     out = _fresh(a.out, a.overwrite)
-    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device), compile=a.compile, cuda_graph=a.cuda_graph)
     x = pipe.sample(a.n, steps=a.steps, sampler=a.sampler, seed=a.seed, eta=a.eta)
     save_png(grid(x), out, upscale=a.upscale)
     _save_npy(x.cpu().numpy(), out.with_suffix(".npy"))
@@ -150,6 +150,17 @@ def cmd_interpolate(a) -> None:
     x = pipe.interpolate(data.images[a.a], data.images[a.b], n=a.n, steps=a.steps)
     save_png(grid(x, nrow=a.n), out, upscale=a.upscale)
     print(f"wrote {out}: {a.n} images from #{a.a} to #{a.b}")
+
+
+def cmd_bench(a) -> None:
+    from .engine.bench import bench_sample
+
+    records = bench_sample(a.ckpt, a.preset, a.img, a.channels, a.batch, a.steps, a.sampler, a.compile,
+                           a.cuda_graph, _device(a.device))
+    for r in records:
+        print(json.dumps(r), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(records, indent=1) + "\n")
 
 
 def cmd_info(a) -> None:
@@ -214,7 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM stochasticity (ddim only)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--upscale", type=int, default=2)
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    s.add_argument("--cuda-graph", action="store_true", help="capture the whole sampling loop in a CUDA graph")
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="time sampling: latency, images/s, compile+capture time")
+    b.add_argument("what", choices=("sample",))
+    b.add_argument("--ckpt", default=None, help="checkpoint (default: an untrained --preset model)")
+    b.add_argument("--preset", default="dae-b", choices=PRESETS)
+    b.add_argument("--img", type=int, default=32, help="image size for an untrained preset")
+    b.add_argument("--channels", type=int, default=3, help="channels for an untrained preset")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--sampler", default="ddim", choices=SAMPLER_CHOICES)
+    b.add_argument("--compile", action="store_true")
+    b.add_argument("--cuda-graph", action="store_true")
+    b.add_argument("--json", default=None, help="also write the records to this JSON file")
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("encode", help="images to embeddings (.npy)")
     common(e)
