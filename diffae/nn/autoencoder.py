@@ -73,7 +73,7 @@ class DiffusionAutoencoder(nn.Module):
         `net` replaces the denoiser module (a torch.compile'd copy, for inference)."""
         alpha, sigma = self.process.alpha_sigma(t)
         scale = self.process.input_scale(alpha, sigma).view(-1, 1, 1, 1)
-        return (net or self.denoiser)(x_t * scale.to(x_t.dtype), t, z)
+        return (self.denoiser if net is None else net)(x_t * scale.to(x_t.dtype), t, z)
 
     @property
     def sampling_prediction(self) -> str:
