@@ -56,8 +56,21 @@ def forced_backend() -> str | None:
     return _forced
 
 
+# The three probes below are evaluated eagerly even while torch.compile traces (assume_constant_result):
+# dynamo cannot trace an import, and their answers cannot change within a process.
+@torch.compiler.assume_constant_result
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.compiler.assume_constant_result
+def _triton_ok() -> bool:
+    return triton_status()[0]
+
+
+@torch.compiler.assume_constant_result
+def _extension_ok() -> bool:
+    return extension_status()[0]
 
 
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:
@@ -68,13 +81,13 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     """
     if _forced == "reference":
         return False
-    ok, why = triton_status()
+    ok = _triton_ok()
     on_cuda = all(t.is_cuda for t in tensors)
     wanted = _forced == "triton" or (_forced is None and on_cuda)
     if wanted and (on_cuda or _interpreting()) and ok:
         return True
     if wanted and not ok:
-        _log_fallback(op, why)
+        _log_fallback(op, triton_status()[1])
     return False
 
 
@@ -82,9 +95,9 @@ def use_extension(op: str, *tensors: torch.Tensor) -> bool:
     """Whether `op` should run on the C++/CUDA extension (it has CPU and CUDA kernels)."""
     if _forced in ("reference", "triton"):
         return False
-    ok, why = extension_status()
+    ok = _extension_ok()
     if not ok:
-        _log_fallback(op, why)
+        _log_fallback(op, extension_status()[1])
     return ok
 
 

@@ -1,0 +1,288 @@
+"""Benchmark the Triton AdaLN-Zero kernels against the copy rate, eager PyTorch and torch.compile.
+
+    python benchmarks/bench_adaln.py [--out benchmarks/results] [--shapes 256x256x768 64x1024x1152]
+                                     [--sweep]
+
+For each shape (bf16 activations, per-sample bf16 modulation) and each op it times, with
+triton.testing.do_bench (CUDA events, median, L2 flushed between reps; compile excluded):
+forward, backward (autograd.grad on a retained graph) and forward+backward of the Triton op, the
+eager reference and torch.compile of the reference (one compile per shape, dynamic=False), and
+the fused residual + next-LayerNorm op against the two separately compiled reference ops.
+
+GB/s counts minimal bytes: each input of a pass read once, each output written once (a
+forward+backward counts both passes).  The ceiling is the device-to-device copy rate measured in
+the same run (the larger of a copy of x's size and a 1 GiB copy).  --sweep first times launch
+configurations of each kernel alone (kernels.adaln.TUNE), to choose the defaults.  On a GPU
+machine where the package is not installed, `ln -s ../kernels diffae/kernels` and PYTHONPATH=.
+make diffae.kernels importable.  JSON goes to <out>/<gpu-name-slug>-adaln.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+
+if "--smoke" in sys.argv:  # CPU check of this script's code paths: interpreter, one call per timing
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from diffae.kernels import adaln as K  # noqa: E402
+from diffae.ops import adaln as R  # noqa: E402
+
+BF16 = torch.bfloat16
+DEFAULT_SHAPES = ["256x256x768", "64x1024x1152"]
+SMOKE = "--smoke" in sys.argv
+DEV = "cpu" if SMOKE else "cuda"
+
+
+def bench(fn, rep=100, warmup=25) -> float:
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # ms
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def copy_rate(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, device=DEV, dtype=BF16).normal_()
+    dst = torch.empty_like(src)
+    return gbps(2 * nbytes, bench(lambda: dst.copy_(src)))
+
+
+def make(B, N, C, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(B, N, C, device=DEV, generator=g).to(BF16)
+    y = torch.randn(B, N, C, device=DEV, generator=g).to(BF16)
+    mods = [(torch.randn(B, C, device=DEV, generator=g) * 0.5).to(BF16) for _ in range(3)]
+    grads = [torch.randn(B, N, C, device=DEV, generator=g).to(BF16) for _ in range(2)]
+    return x, y, *mods, grads
+
+
+def op_specs(B, N, C):
+    """name -> (inputs order, minimal fwd bytes, minimal bwd bytes, number of outputs)."""
+    act, mod = B * N * C * 2, B * C * 2  # bytes, bf16
+    return {
+        # fwd: read x, shift, scale; write h.  bwd: read x, scale, dh; write dx, dshift, dscale.
+        "adaln_modulate": (("x", "shift", "scale"), 2 * act + 2 * mod, 3 * act + 3 * mod, 1),
+        # fwd: read x, y, gate; write r.  bwd: read dr, y, gate; write dy, dgate (dx is dr).
+        "gated_residual": (("x", "gate", "y"), 3 * act + mod, 3 * act + 2 * mod, 1),
+        # fwd: read x, y, gate, shift, scale; write r, h.
+        # bwd: read r, y, dr, dh, gate, scale; write dx, dy, dgate, dshift, dscale.
+        "gated_residual_adaln": (("x", "gate", "y", "shift", "scale"), 4 * act + 3 * mod,
+                                 6 * act + 5 * mod, 2),
+    }
+
+
+def _tuple(o):
+    return o if isinstance(o, tuple) else (o,)
+
+
+def time_impl(fn, inputs, grads):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = _tuple(fn(*leaves))
+    gs = grads[:len(outs)]
+    calls = (lambda: fn(*inputs),
+             lambda: torch.autograd.grad(outs, leaves, gs, retain_graph=True),
+             lambda: torch.autograd.grad(_tuple(fn(*leaves)), leaves, gs))
+    return [bench(c) for c in calls]
+
+
+def run_shape(B, N, C, ceiling):
+    x, y, shift, scale, gate, grads = make(B, N, C)
+    tensors = {"x": x, "y": y, "shift": shift, "scale": scale, "gate": gate}
+    impls = {
+        "adaln_modulate": (K.adaln_modulate, R.adaln_modulate_reference),
+        "gated_residual": (K.gated_residual, R.gated_residual_reference),
+        "gated_residual_adaln": (K.gated_residual_adaln, R.gated_residual_adaln_reference),
+    }
+    rows = []
+    for name, (names, fb, bb, _) in op_specs(B, N, C).items():
+        kern, ref = impls[name]
+        inputs = [tensors[n] for n in names]
+        compiled = torch.compile(ref, dynamic=False)
+        res = {}
+        for impl, fn in (("triton", kern), ("eager", ref), ("compile", compiled)):
+            res[impl] = time_impl(fn, inputs, grads)
+        for i, (pass_, nbytes) in enumerate((("fwd", fb), ("bwd", bb), ("fwd+bwd", fb + bb))):
+            row = {"shape": [B, N, C], "op": name, "pass": pass_, "bytes": nbytes}
+            for impl, ms in res.items():
+                row[f"{impl}_ms"] = ms[i]
+                row[f"{impl}_gbps"] = gbps(nbytes, ms[i])
+            row["triton_frac_of_copy"] = row["triton_gbps"] / ceiling
+            row["speedup_vs_compile"] = row["compile_ms"] / row["triton_ms"]
+            row["speedup_vs_eager"] = row["eager_ms"] / row["triton_ms"]
+            rows.append(row)
+            _print_row(row)
+
+    # The fused residual + next LayerNorm vs the two ops compiled separately (and vs the two
+    # separate Triton ops, for reference).
+    gres_c = torch.compile(R.gated_residual_reference, dynamic=False)
+    ln_c = torch.compile(R.adaln_modulate_reference, dynamic=False)
+
+    def separate_compiled(x, gate, y, shift, scale):
+        r = gres_c(x, gate, y)
+        return r, ln_c(r, shift, scale)
+
+    def separate_triton(x, gate, y, shift, scale):
+        r = K.gated_residual(x, gate, y)
+        return r, K.adaln_modulate(r, shift, scale)
+
+    inputs = [x, gate, y, shift, scale]
+    fused = time_impl(K.gated_residual_adaln, inputs, grads)
+    sep_c = time_impl(separate_compiled, inputs, grads)
+    sep_t = time_impl(separate_triton, inputs, grads)
+    fused_rows = []
+    for i, pass_ in enumerate(("fwd", "bwd", "fwd+bwd")):
+        fused_rows.append({"shape": [B, N, C], "pass": pass_, "fused_triton_ms": fused[i],
+                           "separate_compiled_ms": sep_c[i], "separate_triton_ms": sep_t[i],
+                           "speedup_vs_separate_compiled": sep_c[i] / fused[i],
+                           "speedup_vs_separate_triton": sep_t[i] / fused[i]})
+        _print_fused(fused_rows[-1])
+    return rows, fused_rows
+
+
+def sweep(B, N, C):
+    """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
+    x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
+    spec = op_specs(B, N, C)
+    # Through the registered ops, as the model calls them: a launcher called outside a triton_op
+    # would go through torch's slower traceable-launch path and time the CPU instead.
+    lib, eps = torch.ops.diffae_triton, 1e-6
+    r, _ = lib.gated_residual_adaln(x, gate, y, shift, scale, eps)
+    kernels = {
+        "ln_fwd": [("adaln", lambda: lib.adaln_modulate(x, shift, scale, eps), spec["adaln_modulate"][1]),
+                   ("fused", lambda: lib.gated_residual_adaln(x, gate, y, shift, scale, eps),
+                    spec["gated_residual_adaln"][1])],
+        "ln_bwd": [("adaln", lambda: lib.adaln_modulate_backward(x, shift, scale, g1, eps),
+                    spec["adaln_modulate"][2]),
+                   ("fused", lambda: lib.gated_residual_adaln_backward(r, gate, y, shift, scale, g1, g2, eps),
+                    spec["gated_residual_adaln"][2])],
+        "ew": [("gres_fwd", lambda: lib.gated_residual(x, gate, y), spec["gated_residual"][1]),
+               ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
+    }
+    grids = {
+        "ln_fwd": [{"ln_fwd_tile": t, "ln_fwd_warps": w} for t in (2048, 4096, 8192) for w in (4, 8)],
+        "ln_bwd": [{"ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p}
+                   for e in (4, 8, 16) for p in (4, 8, 16)],
+        "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p}
+               for bc, t, bt, w in ((128, 2048, 1024, 4), (256, 4096, 1024, 4), (256, 8192, 2048, 8),
+                                    (512, 8192, 2048, 8))
+               for p in (8, 16)],
+    }
+    default = dict(K.TUNE)
+    out = []
+    for group, cfgs in grids.items():
+        for cfg in cfgs:
+            K.TUNE.update(cfg)
+            for label, fn, nbytes in kernels[group]:
+                if label == "gres_fwd" and cfg["ew_bwd_programs_per_sm"] != 8:
+                    continue  # the forward has no split
+                ms = bench(fn, rep=30, warmup=10)
+                out.append({"shape": [B, N, C], "kernel": label, "config": cfg, "ms": ms, "gbps": gbps(nbytes, ms)})
+            K.TUNE.clear()
+            K.TUNE.update(default)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
+    ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    if SMOKE:
+        torch.compile = lambda fn, **kw: fn  # noqa: E731  (no inductor build on the CPU check)
+    elif not torch.cuda.is_available():
+        print("bench_adaln: needs a CUDA device", file=sys.stderr)
+        return 1
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    name = "cpu-smoke" if SMOKE else torch.cuda.get_device_name()
+    big = copy_rate(1 << 20 if SMOKE else 1 << 30)
+    result = {
+        "gpu": name, "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "dtype": "bfloat16", "modulation": "per-sample (B, C), bfloat16",
+        "bytes": "minimal: each input of a pass read once, each output written once; fwd+bwd = both passes",
+        "timing": "triton.testing.do_bench, median ms, L2 flushed; backward = autograd.grad on a retained graph",
+        "copy_gbps_1GiB": big, "tune": dict(K.TUNE), "shapes": {}, "rows": [], "fused_vs_separate": [],
+    }
+    if args.sweep:
+        result["sweep"] = []
+        for B, N, C in shapes:
+            result["sweep"] += sweep(B, N, C)
+        print("sweep (kernel alone, GB/s):")
+        for s in result["sweep"]:
+            print(f"  {s['shape']} {s['kernel']:9s} {s['gbps']:7.0f}  {s['config']}")
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{slug}-adaln.json")
+
+    def save():  # after each stage, so a run cut short keeps what it measured
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if args.sweep:
+        save()
+    if not args.no_bench:
+        print(HEADER)
+        for B, N, C in shapes:
+            same = copy_rate(B * N * C * 2)
+            ceiling = max(same, big)
+            result["shapes"][f"{B}x{N}x{C}"] = {"copy_gbps_same_size": same, "ceiling_gbps": ceiling}
+            rows, fused = run_shape(B, N, C, ceiling)
+            result["rows"] += rows
+            result["fused_vs_separate"] += fused
+            save()
+        _print(result)
+    save()
+    print(f"wrote {path}")
+    return 0
+
+
+HEADER = (f"{'shape':>14} {'op':>21} {'pass':>7} {'triton':>7} {'%copy':>6} {'eager':>6} {'compile':>7} "
+          f"{'vs comp':>7}")
+
+
+def _print_row(r):
+    print(f"{'x'.join(map(str, r['shape'])):>14} {r['op']:>21} {r['pass']:>7} {r['triton_gbps']:7.0f} "
+          f"{100 * r['triton_frac_of_copy']:5.1f}% {r['eager_gbps']:6.0f} {r['compile_gbps']:7.0f} "
+          f"{r['speedup_vs_compile']:6.2f}x", flush=True)
+
+
+def _print_fused(r):
+    print(f"{'x'.join(map(str, r['shape'])):>14} {r['pass']:>7} fused {r['fused_triton_ms']:.4f} ms  "
+          f"sep. compiled {r['separate_compiled_ms']:.4f} ({r['speedup_vs_separate_compiled']:.2f}x)  "
+          f"sep. triton {r['separate_triton_ms']:.4f} ({r['speedup_vs_separate_triton']:.2f}x)", flush=True)
+
+
+def _print(result):
+    print(f"\n{result['gpu']}  torch {result['torch']}  triton {result['triton']}  "
+          f"copy 1 GiB {result['copy_gbps_1GiB']:.0f} GB/s")
+    for s, v in result["shapes"].items():
+        print(f"{s}: copy same size {v['copy_gbps_same_size']:.0f} GB/s, ceiling {v['ceiling_gbps']:.0f} GB/s")
+    print("GB/s (minimal bytes), do_bench median")
+    print(HEADER)
+    for r in result["rows"]:
+        _print_row(r)
+    print("fused residual + next LN vs the two separate ops:")
+    for r in result["fused_vs_separate"]:
+        _print_fused(r)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,720 @@
+"""Triton kernels for the AdaLN-Zero ops of a DiT block, forward and backward.
+
+adaln_modulate        h = LayerNorm(x) * (1 + scale) + shift      (LayerNorm without affine)
+gated_residual        r = x + gate * y
+gated_residual_adaln  (r, h(r)): the residual update of one sublayer fused with the modulated
+                      LayerNorm of the next, one read of x and y, one write of r and h
+
+x, y are (B, N, C) with unit stride along C (any strides along B and N); shift, scale, gate are
+per sample (B, C) or per token (B, N, C), in any float dtype (mixed with x's allowed).  Maths is
+fp32 in registers; outputs take x's dtype, gradients their input's dtype.
+
+Backward: the per-sample gradients d(shift), d(scale), d(gate) are sums over tokens.  Each program
+owns a fixed slice of rows of one sample and writes its fp32 partial sums to a (B, S, C) buffer,
+which is then summed over S in a fixed order: deterministic, no atomics.  LayerNorm statistics are
+recomputed in the backward from the rows it reads anyway, so the forward writes nothing extra.
+
+Layout of this module: kernels, launchers (*_forward / *_backward), torch.library registration
+(namespace diffae_triton, so torch.compile(fullgraph=True) traces the kernels and CUDA graphs
+capture them), then the public functions that diffae.ops dispatches to.  The pure-PyTorch
+specification lives in diffae.ops.adaln (*_reference).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+from torch.library import wrap_triton as _torch_wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+# Read once, as triton.jit does when it decides between compiling and interpreting the kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+# The interpreter converts fp32 -> bf16 by truncation; round to nearest even by hand there so
+# CPU tests see the rounding the GPU does (cvt.rn).  A constexpr: compiled kernels never see it.
+_EMULATE_RTNE = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr):
+    # fp32 v to the storage dtype of an output.
+    if _EMULATE_RTNE and dtype == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        v = u.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
+    # A modulation tile as fp32: (ROWS, BLOCK_C) per token, (1, BLOCK_C) per sample.
+    if PER_TOKEN:
+        m = tl.load(ptr + b * sb + rows[:, None] * sn + cols[None, :], mask=mask, other=0.0)
+    else:
+        m = tl.load(ptr + b * sb + cols, mask=cmask, other=0.0)[None, :]
+    return m.to(tl.float32)
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, Y, GATE, SHIFT, SCALE, R, H,
+    N, C, eps,
+    sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
+    RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
+    SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < N)[:, None] & cmask[None, :]
+    out_off = b * N * C + rows[:, None] * C + cols[None, :]  # outputs are contiguous (B, N, C)
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    if RESIDUAL:
+        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
+        # Round r to its storage dtype before normalising it, as the unfused ops would.
+        r = _cast(x.to(tl.float32) + g * y.to(tl.float32), R.dtype.element_ty)
+        tl.store(R + out_off, r, mask=mask)
+        xf = r.to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / C
+    xc = tl.where(mask, xf - mean[:, None], 0.0)
+    rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
+    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
+    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
+    h = xc * rstd[:, None] * (1.0 + sc) + sh
+    tl.store(H + out_off, _cast(h, H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    X, Y, GATE, SCALE, DR, DH,
+    DX, DY, DGATE, DSCALE, PSHIFT, PSCALE, PGATE,
+    N, C, eps, rows_per_prog, S,
+    sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
+    RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
+    SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
+    # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r).
+    # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
+    X += b * sxb
+    DH += b * shb
+    SCALE += b * scb
+    DX += b * N * C
+    DSCALE += b * N * C
+    if RESIDUAL:
+        Y += b * syb
+        GATE += b * sgb
+        DR += b * srb
+        DY += b * N * C
+        DGATE += b * N * C
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    zero = tl.zeros([1, BLOCK_C], dtype=tl.int32)
+    if not SCALE_TOK:  # per-sample modulation: one row, loaded once
+        sc = _load_mod(SCALE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
+    if RESIDUAL and not GATE_TOK:
+        gt = _load_mod(GATE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
+    acc_shift = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    start = pid_s * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, N)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        out_off = rows[:, None] * C + cols[None, :]
+        # Issue every load of the tile before the first reduction: one memory round trip per tile.
+        xf = tl.load(X + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH + rows[:, None] * shn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SCALE_TOK:
+            sc = _load_mod(SCALE, 0, rows, cols, 0, scn, mask, cmask, True)
+        if RESIDUAL:
+            y = tl.load(Y + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_DR:
+                dr = tl.load(DR + rows[:, None] * srn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GATE_TOK:
+                gt = _load_mod(GATE, 0, rows, cols, 0, sgn, mask, cmask, True)
+        mean = tl.sum(xf, axis=1) / C
+        xc = tl.where(mask, xf - mean[:, None], 0.0)
+        rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
+        xhat = xc * rstd[:, None]
+        wdh = dh * (1.0 + sc)
+        c1 = tl.sum(xhat * wdh, axis=1) / C
+        c2 = tl.sum(wdh, axis=1) / C
+        dln = (wdh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if SCALE_TOK:
+            tl.store(DSCALE + out_off, _cast(dh * xhat, DSCALE.dtype.element_ty), mask=mask)
+        else:
+            acc_scale += dh * xhat
+        if not SHIFT_TOK:
+            acc_shift += dh
+        if RESIDUAL:
+            g = dln
+            if HAS_DR:
+                g += dr
+            tl.store(DX + out_off, _cast(g, DX.dtype.element_ty), mask=mask)
+            tl.store(DY + out_off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
+            if GATE_TOK:
+                tl.store(DGATE + out_off, _cast(g * y, DGATE.dtype.element_ty), mask=mask)
+            else:
+                acc_gate += g * y
+        else:
+            tl.store(DX + out_off, _cast(dln, DX.dtype.element_ty), mask=mask)
+    part = (b * S + pid_s) * C + cols  # (B, S, C) fp32 partial sums
+    if not SHIFT_TOK:
+        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
+    if not SCALE_TOK:
+        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
+    if RESIDUAL and not GATE_TOK:
+        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
+
+
+@triton.jit
+def _gres_fwd_kernel(
+    X, Y, GATE, R, N, C,
+    sxb, sxn, syb, syn, sgb, sgn,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid (cdiv(N, ROWS), cdiv(C, BLOCK_C), B): elementwise, so columns are tiled too and
+    # non-power-of-two C wastes at most part of one column tile.
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < N)[:, None] & cmask[None, :]
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+    g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
+    r = x.to(tl.float32) + g * y.to(tl.float32)
+    tl.store(R + b * N * C + rows[:, None] * C + cols[None, :], _cast(r, R.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gres_bwd_kernel(
+    Y, GATE, DR, DY, DGATE, PGATE,
+    N, C, rows_per_prog, S,
+    syb, syn, sgb, sgn, srb, srn,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid (S, cdiv(C, BLOCK_C), B); dx = dr needs no kernel.  dy = dr * gate, dgate = dr * y.
+    pid_s = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    Y += b * syb  # per-sample base pointers: 32-bit offsets below
+    GATE += b * sgb
+    DR += b * srb
+    DY += b * N * C
+    DGATE += b * N * C
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if not GATE_TOK:
+        gt = tl.load(GATE + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    start = pid_s * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, N)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        out_off = rows[:, None] * C + cols[None, :]
+        dr = tl.load(DR + rows[:, None] * srn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATE_TOK:
+            gt = tl.load(GATE + rows[:, None] * sgn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DY + out_off, _cast(dr * gt, DY.dtype.element_ty), mask=mask)
+        if GATE_TOK:
+            tl.store(DGATE + out_off, _cast(dr * y, DGATE.dtype.element_ty), mask=mask)
+        else:
+            acc += dr * y
+    if not GATE_TOK:
+        tl.store(PGATE + (b * S + pid_s) * C + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P0, P1, P2, O0, O1, O2, S, C,
+    NUM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid (cdiv(C, BLOCK_C), B): O_i[b, :] = sum over s = 0..S-1, in order, of P_i[b, s, :],
+    # for up to three (B, S, C) fp32 partial buffers in one launch.
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    a0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s in range(0, S):
+        off = (b * S + s) * C + cols
+        a0 += tl.load(P0 + off, mask=cmask, other=0.0)
+        if NUM > 1:
+            a1 += tl.load(P1 + off, mask=cmask, other=0.0)
+        if NUM > 2:
+            a2 += tl.load(P2 + off, mask=cmask, other=0.0)
+    tl.store(O0 + b * C + cols, _cast(a0, O0.dtype.element_ty), mask=cmask)
+    if NUM > 1:
+        tl.store(O1 + b * C + cols, _cast(a1, O1.dtype.element_ty), mask=cmask)
+    if NUM > 2:
+        tl.store(O2 + b * C + cols, _cast(a2, O2.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+# Launch configuration.  Forward: one tile of ROWS * BLOCK_C elements per program (measured at
+# 84-97 % of the copy rate on an H100).  Backward: the programs loop over rows and keep fp32
+# accumulators, so registers decide how many fit on an SM; tiles of 8 elements per thread keep
+# them near 64-128 registers (ptxas: 118 for the fused kernel at C = 768, 4 warps) against 249 for
+# 16 per thread, which let one program onto an SM.  programs_per_sm sets how many programs share
+# the rows of one sample (more: more parallelism, bigger partial-sum buffer).  Benchmarks may
+# override entries of TUNE.
+TUNE: dict[str, int] = {
+    "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * BLOCK_C)
+    "ln_fwd_warps": 4,
+    "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
+    "ln_bwd_programs_per_sm": 8,
+    "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
+    "ew_fwd_tile": 4096,
+    "ew_bwd_tile": 1024,
+    "ew_warps": 4,
+    "ew_bwd_programs_per_sm": 16,
+}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b  # triton.cdiv is a jit function: slow to call from Python
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if isinstance(n, int) else triton.next_power_of_2(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, but enough to split samples over several programs in tests
+
+
+def _rows_pow2(n: int, tile: int, block_c: int) -> int:
+    # ROWS: fill the tile, but never beyond the (power-of-two rounded) number of rows.
+    return max(1, min(tile // block_c, _pow2(n)))
+
+
+def _split(B: int, N: int, rows: int, device: torch.device, per_sm: int, col_tiles: int = 1) -> tuple[int, int]:
+    """(S, rows_per_prog): each of S programs per sample reduces rows_per_prog rows."""
+    target = per_sm * _sm_count(device)
+    S = max(1, min(_cdiv(N, rows), _cdiv(target, B * col_tiles)))
+    rows_per_prog = _cdiv(_cdiv(N, S), rows) * rows
+    return _cdiv(N, rows_per_prog), rows_per_prog
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any stride along B and N (e.g. chunks of one modulation projection) but
+    # need unit stride along C.
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    # (stride over B, stride over N); per-sample tensors (B, C) broadcast over N.
+    return (t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), 0)
+
+
+def _is_fake(t) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_meta or isinstance(t, torch._subclasses.FakeTensor))
+
+
+class _InterpretedLaunch:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            # The interpreter runs on real CPU tensors only; a fake-tensor call (the registered
+            # fake impl) needs just the outputs' metadata, which the launcher already allocated.
+            if not any(_is_fake(a) for a in args):
+                self.kernel[grid](*args, **meta)
+        return launch
+
+
+_direct = threading.local()
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, or the kernel itself where no tracing can happen.
+
+    It keeps torch's name on purpose: torch.library scans a triton_op's source for
+    `wrap_triton(<kernel>)` to list its kernels, whose source then enters the compile-cache key.
+    Under TRITON_INTERPRET=1 it returns a launcher that skips fake tensors; inside
+    _launch_directly() (untraced eager calls) the plain kernel, as triton_op does for its eager
+    calls: torch's traceable wrapper costs ~1 ms of Python per launch outside a triton_op.
+    """
+    if _INTERPRET:
+        return _InterpretedLaunch(kernel)
+    if getattr(_direct, "on", False):
+        return kernel
+    return _torch_wrap_triton(kernel)
+
+
+@contextlib.contextmanager
+def _launch_directly():
+    prev = getattr(_direct, "on", False)
+    _direct.on = True
+    try:
+        yield
+    finally:
+        _direct.on = prev
+
+
+def _eager(*tensors) -> bool:
+    # Plain tensors and no dispatch mode: nothing traces this call (dynamo, AOTAutograd and
+    # make_fx all pass tensor subclasses or run under a mode), so it may launch the kernels
+    # directly instead of through a custom-op dispatch (~40 us of Python each).
+    return _get_current_dispatch_mode() is None and all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _sum_partials(partials, dtypes):
+    """[(B, S, C) fp32] -> [(B, C) in dtypes]: fixed-order sums over S, one launch for all."""
+    B, S, C = partials[0].shape
+    outs = [torch.empty((B, C), device=partials[0].device, dtype=d) for d in dtypes]
+    num = len(partials)
+    p = partials + [partials[0]] * (3 - num)
+    o = outs + [outs[0]] * (3 - num)
+    block_c = min(_pow2(C), 1024)
+    wrap_triton(_sum_partials_kernel)[(_cdiv(C, block_c), B)](
+        p[0], p[1], p[2], o[0], o[1], o[2], S, C, NUM=num, BLOCK_C=block_c, num_warps=4,
+    )
+    return outs
+
+
+def adaln_forward(x, shift, scale, eps, gate=None, y=None):
+    """h = adaln(x) or, with gate and y, (r, h) = (x + gate * y, adaln(r)).  r is None without."""
+    B, N, C = x.shape
+    residual = gate is not None
+    x, shift, scale = _rowmajor(x), _rowmajor(shift), _rowmajor(scale)
+    h = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    if residual:
+        gate, y = _rowmajor(gate), _rowmajor(y)
+        r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    else:  # placeholders, never touched (RESIDUAL is a constexpr); not x, which the op must not
+        gate = y = r = torch.empty((1,), device=x.device, dtype=x.dtype)  # appear to write
+    block_c = _pow2(C)
+    rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_c)
+    warps = TUNE["ln_fwd_warps"] if rows * block_c <= TUNE["ln_fwd_tile"] else 8
+    wrap_triton(_adaln_fwd_kernel)[(_cdiv(N, rows), B)](
+        x, y, gate, shift, scale, r, h,
+        N, C, eps,
+        *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
+        RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
+        SCALE_TOK=scale.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+    )
+    return (r if residual else None), h
+
+
+def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
+    """Gradients of adaln_forward.  x is the LayerNorm input (the residual r when fused).
+
+    Returns (dx, dscale, dshift, dgate, dy).  dshift is an empty tensor when shift is per token
+    (its gradient is dh itself: the caller uses dh rather than pay for a copy); dgate and dy are
+    None without the residual.
+    """
+    B, N, C = x.shape
+    residual = gate is not None
+    dev = x.device
+    x, scale, dh = _rowmajor(x), _rowmajor(scale), _rowmajor(dh)
+    shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
+    gate_tok = residual and gate.dim() == 3
+    block_c = _pow2(C)
+    warps = max(4, min(16, block_c // 256))
+    rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_c)
+    S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
+    dx = torch.empty((B, N, C), device=dev, dtype=x.dtype)
+    dummy = torch.empty((1,), device=dev, dtype=torch.float32)  # for pointers a constexpr disables
+
+    def buf(per_token, like):  # per-token output in like's dtype, or fp32 per-program partial sums
+        if per_token:
+            return torch.empty((B, N, C), device=dev, dtype=like.dtype)
+        return torch.empty((B, S, C), device=dev, dtype=torch.float32)
+
+    dscale_or_p = buf(scale_tok, scale)
+    pshift = dummy if shift_tok else buf(False, shift)
+    if residual:
+        gate, y = _rowmajor(gate), _rowmajor(y)
+        dy = torch.empty((B, N, C), device=dev, dtype=y.dtype)
+        dgate_or_p = buf(gate_tok, gate)
+        has_dr = dr is not None
+        dr = _rowmajor(dr) if has_dr else dummy
+    else:
+        gate = y = dr = dy = dgate_or_p = dummy
+        has_dr = False
+    wrap_triton(_adaln_bwd_kernel)[(S, B)](
+        x, y, gate, scale, dr, dh,
+        dx, dy, dgate_or_p, dscale_or_p, pshift, dscale_or_p, dgate_or_p,
+        N, C, eps, rows_per_prog, S,
+        *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
+        RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
+        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+    )
+    partials, dtypes = [], []
+    for p, m, per_token in ((pshift, shift, shift_tok), (dscale_or_p, scale, scale_tok),
+                            (dgate_or_p, gate, not residual or gate_tok)):
+        if not per_token:
+            partials.append(p)
+            dtypes.append(m.dtype)
+    sums = iter(_sum_partials(partials, dtypes)) if partials else iter(())
+    dshift = torch.empty((0,), device=dev, dtype=shift.dtype) if shift_tok else next(sums)
+    dscale = dscale_or_p if scale_tok else next(sums)
+    if not residual:
+        return dx, dscale, dshift, None, None
+    dgate = dgate_or_p if gate_tok else next(sums)
+    return dx, dscale, dshift, dgate, dy
+
+
+def _ew_config(N: int, C: int, tile: int) -> tuple[int, int, int]:
+    block_c = min(_pow2(C), TUNE["ew_block_c"])
+    return block_c, _rows_pow2(N, tile, block_c), TUNE["ew_warps"]
+
+
+def gated_residual_forward(x, gate, y):
+    B, N, C = x.shape
+    x, gate, y = _rowmajor(x), _rowmajor(gate), _rowmajor(y)
+    r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    block_c, rows, warps = _ew_config(N, C, TUNE["ew_fwd_tile"])
+    wrap_triton(_gres_fwd_kernel)[(_cdiv(N, rows), _cdiv(C, block_c), B)](
+        x, y, gate, r, N, C, *_strides(x), *_strides(y), *_strides(gate),
+        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+    )
+    return r
+
+
+def gated_residual_backward(gate, y, dr):
+    """(dy, dgate); dx is dr itself."""
+    B, N, C = y.shape
+    dev = y.device
+    gate, y, dr = _rowmajor(gate), _rowmajor(y), _rowmajor(dr)
+    gate_tok = gate.dim() == 3
+    block_c, rows, warps = _ew_config(N, C, TUNE["ew_bwd_tile"])
+    col_tiles = _cdiv(C, block_c)
+    S, rows_per_prog = _split(B, N, rows, dev, TUNE["ew_bwd_programs_per_sm"], col_tiles)
+    dy = torch.empty((B, N, C), device=dev, dtype=y.dtype)
+    if gate_tok:
+        dgate = pgate = torch.empty((B, N, C), device=dev, dtype=gate.dtype)
+    else:
+        pgate = torch.empty((B, S, C), device=dev, dtype=torch.float32)
+        dgate = pgate
+    wrap_triton(_gres_bwd_kernel)[(S, col_tiles, B)](
+        y, gate, dr, dy, dgate, pgate,
+        N, C, rows_per_prog, S,
+        *_strides(y), *_strides(gate), *_strides(dr),
+        GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+    )
+    return dy, (dgate if gate_tok else _sum_partials([pgate], [gate.dtype])[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+# triton_op keeps the kernels visible to torch.compile (they are inlined as user-defined Triton
+# kernels, no graph break) and register_autograd wires the backward ops in.  Under the
+# interpreter wrap_triton cannot trace, so the same functions become opaque custom ops whose fake
+# impl is the function itself (it allocates the outputs and skips the launch): compile and
+# opcheck then work on the CPU too.  Optional outputs are not expressible in an op schema, so
+# backward ops return an empty tensor where the autograd formula uses the incoming gradient.
+
+
+def _register(name: str):
+    def register(fn):
+        if not _INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
+
+
+@_register("diffae_triton::adaln_modulate")
+def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    return adaln_forward(x, shift, scale, eps)[1]
+
+
+@_register("diffae_triton::adaln_modulate_backward")
+def _adaln_modulate_backward_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, eps)
+    return dx, dscale, dshift
+
+
+def _adaln_modulate_setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps = eps
+
+
+def _adaln_modulate_grad(ctx, dh):
+    x, shift, scale = ctx.saved_tensors
+    if _eager(x, shift, scale, dh):
+        with _launch_directly():
+            dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, ctx.eps)
+    else:
+        dx, dscale, dshift = torch.ops.diffae_triton.adaln_modulate_backward(x, shift, scale, dh, ctx.eps)
+    if shift.dim() == 3:
+        dshift = dh.to(shift.dtype)
+    return dx, dshift, dscale, None
+
+
+_adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_modulate_setup)
+
+
+@_register("diffae_triton::gated_residual")
+def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_forward(x, gate, y)
+
+
+@_register("diffae_triton::gated_residual_backward")
+def _gated_residual_backward_op(
+    gate: torch.Tensor, y: torch.Tensor, dr: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_backward(gate, y, dr)
+
+
+def _gated_residual_backward_any(gate, y, dr):
+    if _eager(gate, y, dr):
+        with _launch_directly():
+            return gated_residual_backward(gate, y, dr)
+    return torch.ops.diffae_triton.gated_residual_backward(gate, y, dr)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _gated_residual_grad(ctx, dr):
+    gate, y = ctx.saved_tensors
+    dy, dgate = _gated_residual_backward_any(gate, y, dr)
+    return dr, dgate, dy
+
+
+_gated_residual_op.register_autograd(_gated_residual_grad, setup_context=_gated_residual_setup)
+
+
+@_register("diffae_triton::gated_residual_adaln")
+def _gated_residual_adaln_op(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return adaln_forward(x, shift, scale, eps, gate=gate, y=y)
+
+
+@_register("diffae_triton::gated_residual_adaln_backward")
+def _gated_residual_adaln_backward_op(
+    r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    dr: torch.Tensor | None, dh: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, eps, gate=gate, y=y, dr=dr)
+    return dx, dy, dgate, dscale, dshift
+
+
+def _gated_residual_adaln_setup(ctx, inputs, output):
+    x, gate, y, shift, scale, eps = inputs
+    # The backward normalises the stored residual r (an output) rather than recomputing it.
+    ctx.save_for_backward(output[0], gate, y, shift, scale)
+    ctx.eps = eps
+
+
+def _gated_residual_adaln_grad(ctx, dr, dh):
+    r, gate, y, shift, scale = ctx.saved_tensors
+    if dh is None:  # h unused: only the residual path carries gradient
+        if dr is None:
+            return None, None, None, None, None, None
+        dy, dgate = _gated_residual_backward_any(gate, y, dr)
+        return dr, dgate, dy, None, None, None
+    if _eager(r, gate, y, shift, scale, dr, dh):
+        with _launch_directly():
+            dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, ctx.eps, gate=gate, y=y, dr=dr)
+    else:
+        dx, dy, dgate, dscale, dshift = torch.ops.diffae_triton.gated_residual_adaln_backward(
+            r, gate, y, shift, scale, dr, dh, ctx.eps)
+    if shift.dim() == 3:
+        dshift = dh.to(shift.dtype)
+    return dx, dgate, dy, dshift, dscale, None
+
+
+_gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_context=_gated_residual_adaln_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions (diffae.ops.adaln dispatches here; shapes are checked there)
+# ----------------------------------------------------------------------------------------------
+# Traced code (torch.compile, export, make_fx) goes through the registered ops.  Plain eager
+# calls take an autograd.Function over the same launchers and backward formulas: the custom-op
+# dispatch costs ~50-130 us of Python per call on top, as much as the kernels themselves at DiT
+# sizes.  tests/test_adaln.py checks that both paths give identical results.
+
+
+def _eager_function(name, forward, setup_context, backward):
+    def fwd(ctx, *inputs):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        with _launch_directly():
+            out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(fwd),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+    })
+
+
+_AdalnModulateEager = _eager_function(
+    "_AdalnModulateEager", lambda x, shift, scale, eps: adaln_forward(x, shift, scale, eps)[1],
+    _adaln_modulate_setup, _adaln_modulate_grad)
+_GatedResidualEager = _eager_function(
+    "_GatedResidualEager", gated_residual_forward, _gated_residual_setup, _gated_residual_grad)
+_GatedResidualAdalnEager = _eager_function(
+    "_GatedResidualAdalnEager",
+    lambda x, gate, y, shift, scale, eps: adaln_forward(x, shift, scale, eps, gate=gate, y=y),
+    _gated_residual_adaln_setup, _gated_residual_adaln_grad)
+
+
+def _use_eager(*tensors) -> bool:
+    # is_compiling() first: dynamo folds it to True and never traces _eager.
+    return not torch.compiler.is_compiling() and _eager(*tensors)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift; x (B, N, C), shift/scale (B, C) or (B, N, C)."""
+    if _use_eager(x, shift, scale):
+        return _AdalnModulateEager.apply(x, shift, scale, float(eps))
+    return torch.ops.diffae_triton.adaln_modulate(x, shift, scale, float(eps))
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y."""
+    if _use_eager(x, gate, y):
+        return _GatedResidualEager.apply(x, gate, y)
+    return torch.ops.diffae_triton.gated_residual(x, gate, y)
+
+
+def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, h) = (x + gate * y, adaln_modulate(r, shift, scale)) in one pass."""
+    if _use_eager(x, gate, y, shift, scale):
+        return _GatedResidualAdalnEager.apply(x, gate, y, shift, scale, float(eps))
+    return torch.ops.diffae_triton.gated_residual_adaln(x, gate, y, shift, scale, float(eps))
