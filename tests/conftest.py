@@ -1,9 +1,15 @@
 import os
 
-import pytest
 import torch
 
-from diffae.config import get_preset
+# Triton kernels run on the CPU through its interpreter; the variable must be set before anything
+# imports triton (torch.compile's machinery does, as soon as diffae.ops is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from diffae.config import get_preset  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
