@@ -63,6 +63,6 @@ def attention(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
     _check(qkv, q_norm_weight, k_norm_weight, kv_extra)
     if qkv.dtype in (torch.float16, torch.bfloat16) and use_triton("attention", qkv):
         from diffae.kernels import attention as k
-        if k.supports(qkv, kv_extra):
+        if k.supports(qkv, kv_extra, q_norm_weight):
             return k.attention(qkv, q_norm_weight, k_norm_weight, kv_extra, eps)
     return attention_reference(qkv, q_norm_weight, k_norm_weight, kv_extra, eps)
