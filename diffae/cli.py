@@ -1,7 +1,8 @@
 """The `diffae` command line: train | sample | encode | reconstruct | interpolate | info.
 
 Errors a user can fix print one line (`diffae: error: ...`) and exit with status 2; nothing that
-exists is overwritten unless --overwrite is given.
+exists is overwritten unless --overwrite is given.  `diffae train` saves a checkpoint on SIGINT
+(exit 130) or SIGTERM (exit 143) and says where; a second run on the same --out is refused.
 """
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ def _save_npy(array, path: Path) -> None:
 
 
 # --- commands ---------------------------------------------------------------------------------
-def cmd_train(a) -> None:
+def cmd_train(a) -> int | None:
     from .config import get_preset
     from .data import load
     from .engine import checkpoint
-    from .engine.trainer import Trainer, train_latent_prior
+    from .engine.lock import RunLock
+    from .engine.trainer import Trainer, TrainingInterrupted, train_latent_prior
 
     cfg = get_preset(a.preset)
     overrides = list(a.set or [])
@@ -72,14 +74,19 @@ def cmd_train(a) -> None:
     trainer = Trainer(cfg, data, out, device, resume=a.resume, quiet=a.quiet)
     print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {device}; "
           f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)
-    path = trainer.fit()
-    if a.prior_steps and cfg.encoder.latent != "bernoulli":
-        print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
-        prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
-        state = trainer.state()
-        state["latent_prior"] = {"z_dim": prior.z_dim, "width": prior.width, "depth": prior.depth,
-                                 "state": prior.state_dict()}
-        checkpoint.save(path, state)
+    with RunLock(out):  # one run per directory, held until the latent prior is saved too
+        try:
+            path = trainer.fit()
+        except TrainingInterrupted as exc:  # SIGINT -> 130, SIGTERM -> 143, after saving
+            print(f"diffae: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if a.prior_steps and cfg.encoder.latent != "bernoulli":
+            print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
+            prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
+            state = trainer.state()
+            state["latent_prior"] = {"z_dim": prior.z_dim, "width": prior.width, "depth": prior.depth,
+                                     "state": prior.state_dict()}
+            checkpoint.save(path, state)
     print(f"checkpoint: {path}")
 
 
@@ -163,6 +170,18 @@ def cmd_bench(a) -> None:
         Path(a.json).write_text(json.dumps(records, indent=1) + "\n")
 
 
+def cmd_eval(a) -> None:
+    from .eval.run import EvalOptions, evaluate
+
+    opts = {k: v for k, v in dict(
+        data=a.data, device=str(_device(a.device)), quick=a.quick, n_train=a.n_train, n_test=a.n_test, fd_n=a.fd_n,
+        fd_steps=a.fd_steps and tuple(a.fd_steps), recon_n=a.recon_n,
+        recon_steps=a.recon_steps and tuple(a.recon_steps), probe_t=a.probe_t and tuple(a.probe_t),
+        samplers=a.samplers and tuple(a.samplers), seed=a.seed).items() if v is not None}
+    evaluate(a.ckpt, a.out, EvalOptions(**opts), overwrite=a.overwrite)
+    print(f"wrote {Path(a.out) / 'results.json'}, {Path(a.out) / 'results.md'} and PNGs")
+
+
 def cmd_info(a) -> None:
     import torch
     from . import __version__
@@ -210,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--prior-steps", type=int, default=2000, help="latent prior steps after training (0: none)")
     t.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (after a kill, "
+                   "Ctrl-C/SIGINT (exit 130) or SIGTERM (exit 143), which save a checkpoint first)")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--device", default=None)
@@ -273,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--upscale", type=int, default=2)
     i.set_defaults(func=cmd_interpolate)
 
+    ev = sub.add_parser("eval", help="probe, kNN, few-shot, reconstruction, FD-FMNIST, figures -> DIR")
+    common(ev)
+    ev.add_argument("--out", required=True, help="output directory (results.json, results.md, PNGs)")
+    ev.add_argument("--data", default="fashion-mnist", help="labelled dataset with train and test splits")
+    ev.add_argument("--quick", action="store_true", help="tiny subsets and sample counts (smoke test)")
+    ev.add_argument("--n-train", type=int, default=None, help="train images for the probes (default: all)")
+    ev.add_argument("--n-test", type=int, default=None, help="test images (default: all)")
+    ev.add_argument("--fd-n", type=int, default=None, help="samples per FD-FMNIST setting (default 1000)")
+    ev.add_argument("--fd-steps", type=int, nargs="+", default=None, help="default: 5 10 20 50 100")
+    ev.add_argument("--samplers", nargs="+", choices=SAMPLER_CHOICES, default=None, help="default: all")
+    ev.add_argument("--recon-n", type=int, default=None, help="test images reconstructed (default 1000)")
+    ev.add_argument("--recon-steps", type=int, nargs="+", default=None, help="default: 5 10 20 50 100")
+    ev.add_argument("--probe-t", type=float, nargs="+", default=None,
+                    help="detail control: t at which a time-dependent encoder is probed")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_eval)
+
     f = sub.add_parser("info", help="versions, device and which kernel backends are present")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_info)
@@ -282,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except DiffaeError as exc:
         print(f"diffae: error: {exc}", file=sys.stderr)
         return 2
@@ -292,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import torch
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            print(f"diffae: error: out of GPU memory ({args.command}); lower the batch size or use a smaller "
+            what = args.command + (f", preset {args.preset}" if getattr(args, "preset", None) else "")
+            print(f"diffae: error: out of GPU memory ({what}); lower the batch size or use a smaller "
                   "preset", file=sys.stderr)
             return 2
         raise
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,28 @@
-"""Training loop: AdamW (fused on CUDA), EMA, bf16 autocast, clipping, warm-up, atomic
+"""Training loop: fused AdamW, EMA, bf16 autocast, clipping, warm-up, atomic checksummed
 checkpoints with exact resume, JSONL metrics (and TensorBoard when installed), a progress line.
 
 The loss is read back to the host only every `log_every` steps, so steps queue without syncs.
+
+Faults it survives:
+- SIGKILL at any moment: checkpoints are atomic and checksummed, `resume=True` continues
+  bit-exactly from the last complete one; a killed run's temporary files are removed.
+- SIGINT / SIGTERM during fit(): the current step finishes, a checkpoint is written, and
+  TrainingInterrupted says where (the CLI exits 130 / 143).
+- Non-finite loss or gradients: detected on the device (no extra host sync), the update of
+  the weights, the optimizer state and the EMA is skipped, the skip counted; after
+  train.max_nonfinite_steps in a row (checked every log_every steps and before each
+  checkpoint) NonFiniteError stops training, keeping the last good checkpoint.
+- Out of device memory: TrainingOutOfMemory names the batch size and preset.
+- Disk full / read-only: checkpoint.save leaves the previous file intact, OutputError.
+- Two runs on one directory: the second gets RunLockedError naming the first one's pid.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,14 +32,32 @@ import torch
 from ..config import Config
 from ..data import Dataset
 from ..diffusion.process import Process
-from ..errors import ConfigError, DataError, OutputError
+from ..errors import ConfigError, DataError, DiffaeError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
 from ..profiling import nvtx_range
 from . import checkpoint
+from .lock import RunLock
 from .progress import Progress
 
 CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingInterrupted(DiffaeError):
+    """SIGINT or SIGTERM arrived; a checkpoint was written first.  exit_code: 128 + signal."""
+
+    def __init__(self, message: str, signum: int, path: Path, step: int):
+        super().__init__(message)
+        self.signum, self.path, self.step = signum, path, step
+        self.exit_code = 128 + signum
+
+
+class NonFiniteError(DiffaeError, FloatingPointError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+class TrainingOutOfMemory(DiffaeError, MemoryError):
+    """The device ran out of memory; the message names the batch size and preset."""
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -33,9 +67,50 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def make_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA): one kernel per step, and it honours `opt.found_inf`, a device
+    flag that skips the whole update, which is how non-finite steps are skipped without a sync."""
     t = cfg.train
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
+
+
+class _SignalGuard:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step (a second one
+    raises KeyboardInterrupt at once).  Only in the main thread, where Python delivers signals;
+    the previous handlers are restored on exit."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "_SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous.clear()
+
+
+def _oom_message(exc: BaseException, cfg: Config, device: torch.device, where: str, ckpt: str) -> str:
+    """One line: what ran out, with which batch size and preset, what to try; the allocator's
+    first sentence and its request size, not its whole report."""
+    bs = cfg.train.batch_size
+    sentences = [x.strip().rstrip(".") for x in str(exc).split(". ")]
+    detail = "; ".join([sentences[0]] + [x for x in sentences[1:] if x.startswith("Tried to allocate")])
+    return (f"out of {'GPU ' if device.type == 'cuda' else ''}memory {where} (preset {cfg.preset!r}, batch size "
+            f"{bs}, on {device}): {detail or 'out of memory'}; try --batch-size {max(bs // 2, 1)}, a smaller preset, "
+            f"or gradient accumulation / activation checkpointing to trade time for memory; {ckpt}")
 
 
 def _rng_state(device: torch.device, data_gen: torch.Generator) -> dict:
@@ -89,18 +164,35 @@ class Trainer:
             raise DataError(f"dataset {data.name!r} has images {tuple(data.images.shape[1:])} but preset "
                             f"{cfg.preset!r} expects ({m.channels}, {m.img_size}, {m.img_size}); "
                             "set model.channels / model.img_size to match")
+        if cfg.train.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
+        if self.out_dir.is_dir():  # refuse early, before reading a checkpoint another run is writing
+            with RunLock(self.out_dir):
+                pass
         if self.ckpt_path.exists() and not resume:
             raise OutputError(f"{self.ckpt_path} already exists; pass --resume to continue that run "
                               "or choose another output directory")
         torch.manual_seed(cfg.train.seed)
-        self.data = data.to(self.device)  # small datasets live on the device whole
-        self.model = DiffusionAutoencoder(cfg).to(self.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = make_optimizer(self.model.parameters(), cfg, self.device)
+        try:
+            self.data = data.to(self.device)  # small datasets live on the device whole
+            self.model = DiffusionAutoencoder(cfg).to(self.device)
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        except torch.OutOfMemoryError as exc:
+            raise TrainingOutOfMemory(_oom_message(exc, cfg, self.device, "while placing the model and data",
+                                                   "nothing was written")) from None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, cfg, self.device)
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed)
         self.sampler = BatchSampler(len(data), cfg.train.batch_size, self.data_gen)
         self.step = 0
+        self.saved_step: int | None = None
         self.loss_fn = torch.compile(self.model.loss) if cfg.train.compile else self.model.loss
+        # non-finite bookkeeping, all on the device: the current run of bad steps, the longest run
+        # since the last check, the total; `last_ok` is the latest step's flag
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_run, self._bad_max, self._bad_total = zero.clone(), zero.clone(), zero.clone()
+        self.last_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self.nonfinite_total = 0  # host copy, refreshed at each check
         if resume and self.ckpt_path.exists():
             self._resume()
 
@@ -111,8 +203,21 @@ class Trainer:
                 "rng": _rng_state(self.device, self.data_gen)}
 
     def save(self) -> Path:
+        """Write last.pt, refusing (NonFiniteError) to replace it with non-finite weights."""
+        with torch.no_grad():
+            norms = torch._foreach_norm(list(self.model.parameters()) + list(self.ema.parameters()))
+            finite = bool(torch.isfinite(torch.stack(norms)).all())  # one sync per checkpoint
+        if not finite:
+            raise NonFiniteError(f"the weights became non-finite by step {self.step}; not saving them, "
+                                 f"{self._last_good()}")
         checkpoint.save(self.ckpt_path, self.state())
+        self.saved_step = self.step
         return self.ckpt_path
+
+    def _last_good(self) -> str:
+        if self.saved_step is not None:
+            return f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
+        return "no checkpoint was written"
 
     def _resume(self) -> None:
         payload = checkpoint.load(self.ckpt_path, map_location=self.device)
@@ -125,6 +230,7 @@ class Trainer:
         checkpoint.load_model_state(self.ema, payload["ema"], self.ckpt_path, "EMA")
         self.opt.load_state_dict(payload["optimizer"])
         self.step = int(payload["step"])
+        self.saved_step = self.step
         self.sampler.load_state_dict(payload["sampler"])
         _set_rng_state(payload["rng"], self.device, self.data_gen)
 
@@ -149,60 +255,139 @@ class Trainer:
             out.loss.backward()
         with nvtx_range("optimizer"):
             if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            # a NaN/Inf anywhere in the loss or the gradients makes this False, on the device
+            ok = torch.isfinite(norm) & torch.isfinite(out.loss.detach())
+            self.opt.found_inf = (~ok).float()  # fused AdamW skips the update when it is 1
             self.opt.step()
         with nvtx_range("ema"):
-            self._update_ema()
+            self._update_ema(ok)
+        bad = (~ok).long()
+        self._bad_run = (self._bad_run + 1) * bad
+        self._bad_max = torch.maximum(self._bad_max, self._bad_run)
+        self._bad_total = self._bad_total + bad
+        self.last_ok = ok
         self.step += 1
         return torch.stack([out.loss.detach(), out.denoise.detach(), out.reg.detach()])
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, ok: torch.Tensor | None = None) -> None:
         decay = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))  # warm start
         ema_p = [p for p in self.ema.parameters()]
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - decay)
+        model_p = [p.detach() for p in self.model.parameters()]
+        if ok is None:
+            torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+        else:  # weight 0 on a skipped step leaves the EMA exactly as it was
+            w = ok.float() * (1.0 - decay)
+            torch._foreach_lerp_(ema_p, model_p, [w] * len(ema_p))
+
+    def _check_nonfinite(self) -> tuple[int, int]:
+        """(longest run of non-finite steps since the last check, total); one small sync.
+        Raises NonFiniteError when the run reached train.max_nonfinite_steps."""
+        longest, total = torch.stack([self._bad_max, self._bad_total]).tolist()
+        self._bad_max = self._bad_run.clone()
+        self.nonfinite_total = total
+        limit = self.cfg.train.max_nonfinite_steps
+        if longest >= limit:
+            raise NonFiniteError(
+                f"training stopped at step {self.step}: {longest} steps in a row had a non-finite loss or "
+                f"gradients (limit train.max_nonfinite_steps={limit}; {total} skipped in all); "
+                f"{self._last_good()}; lower train.lr, check the data for NaN/Inf, or raise the limit")
+        return longest, total
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> Path:
+        """Train up to `steps` (default train.steps); returns the checkpoint path.  Holds the run
+        directory's lock throughout; SIGINT/SIGTERM save a checkpoint and raise TrainingInterrupted."""
+        total = steps if steps is not None else self.cfg.train.steps
+        with RunLock(self.out_dir), _SignalGuard() as signals:
+            checkpoint.remove_stale_temporaries(self.ckpt_path)  # left by a killed writer
+            try:
+                (self.out_dir / "config.json").write_text(self.cfg.to_json())
+                metrics = _open_metrics(self.out_dir / "metrics.jsonl", self.step)
+            except OSError as exc:
+                raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
+            try:
+                self._loop(total, metrics, signals)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingOutOfMemory(_oom_message(exc, self.cfg, self.device, f"at step {self.step + 1}",
+                                                       self._last_good())) from None
+            finally:
+                metrics.close()
+        return self.ckpt_path
+
+    def _loop(self, total: int, metrics, signals: _SignalGuard) -> None:
         t = self.cfg.train
-        total = steps if steps is not None else t.steps
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(self.cfg.to_json())
-        metrics = open(self.out_dir / "metrics.jsonl", "a")
         board = _tensorboard(self.out_dir)
         progress = Progress(total, self.step)
-        acc, acc_n, t_last, step_last = None, 0, time.perf_counter(), self.step
+        acc, acc_n, t_last, step_last = None, None, time.perf_counter(), self.step
+        skipped_before = self.nonfinite_total
         try:
             while self.step < total:
                 losses = self.train_step()
-                acc = losses if acc is None else acc + losses
-                acc_n += 1
+                good = self.last_ok
+                # skipped steps stay out of the logged average (a NaN would poison it)
+                acc = torch.where(good, losses, 0.0) + (0.0 if acc is None else acc)
+                acc_n = good.float() + (0.0 if acc_n is None else acc_n)
                 last = self.step == total
                 if self.step % t.log_every == 0 or last:
-                    loss, denoise, reg = (acc / acc_n).tolist()  # the one host sync per log interval
-                    if loss != loss:
-                        raise FloatingPointError(f"loss became NaN at step {self.step}")
+                    _, skipped = self._check_nonfinite()
+                    sums = torch.cat([acc, acc_n[None]]).tolist()  # the one host sync per log interval
+                    n = sums[3]
+                    # null when every step of the interval was skipped
+                    loss, denoise, reg = (v / n for v in sums[:3]) if n else (None,) * 3
                     now = time.perf_counter()
                     rate = (self.step - step_last) * t.batch_size / (now - t_last)
                     rec = {"step": self.step, "loss": loss, "denoise": denoise, "reg": reg,
                            "lr": self._lr(), "img_per_s": round(rate, 1), "time": time.time()}
+                    if skipped > skipped_before:
+                        rec["skipped_nonfinite"] = skipped - skipped_before
+                    skipped_before = skipped
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     if board is not None:
                         for k in ("loss", "denoise", "reg", "lr", "img_per_s"):
-                            board.add_scalar(k, rec[k], self.step)
+                            if rec[k] is not None:
+                                board.add_scalar(k, rec[k], self.step)
                     if not self.quiet:
-                        progress.update(self.step, loss=loss)
-                    acc, acc_n, t_last, step_last = None, 0, now, self.step
+                        progress.update(self.step, loss=float("nan") if loss is None else loss)
+                    acc, acc_n, t_last, step_last = None, None, now, self.step
                 if self.step % t.ckpt_every == 0 or last:
+                    self._check_nonfinite()  # never checkpoint past the limit
                     self.save()
+                if signals.received is not None:
+                    self._interrupted(signals.received)
         finally:
-            metrics.close()
             if board is not None:
                 board.close()
             if not self.quiet:
                 progress.close()
-        return self.ckpt_path
+
+    def _interrupted(self, signum: int) -> None:
+        if self.saved_step != self.step:
+            self.save()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(f"{name} received: stopped at step {self.step}, checkpoint saved to "
+                                  f"{self.ckpt_path}; continue with --resume", signum, self.ckpt_path, self.step)
+
+
+def _open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, without the records of steps after `step` (a killed run
+    re-trains those after resuming) and without a torn last line."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a record cut short by a kill
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return open(path, "a")
 
 
 def _tensorboard(out_dir: Path):

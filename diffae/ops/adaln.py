@@ -33,6 +33,16 @@ def _check(name: str, x: torch.Tensor, **mods: torch.Tensor) -> None:
             raise ValueError(f"{name}: {key} is on {m.device} but x is on {x.device}")
 
 
+def _check_y(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The sublayer output y added into the residual x: same shape and device, floating point."""
+    if y.shape != x.shape:
+        raise ValueError(f"{name}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"{name}: y must be floating point, got {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"{name}: y is on {y.device} but x is on {x.device}")
+
+
 def _per_token(m: torch.Tensor) -> torch.Tensor:
     return m.float().unsqueeze(1) if m.dim() == 2 else m.float()
 
@@ -63,8 +73,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor):
     """x + gate * y (the AdaLN-Zero residual update)."""
     _check("gated_residual", x, gate=gate)
-    if y.shape != x.shape:
-        raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    _check_y("gated_residual", x, y)
     if use_triton("gated_residual", x, gate, y):
         from diffae.kernels import adaln as k
         return k.gated_residual(x, gate, y)
@@ -74,9 +83,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor):
 def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
     """(x + gate * y, adaln_modulate(x + gate * y, shift, scale)) in one pass."""
     _check("gated_residual_adaln", x, gate=gate, shift=shift, scale=scale)
-    if y.shape != x.shape:
-        raise ValueError(f"gated_residual_adaln: y must have x's shape {tuple(x.shape)}, "
-                         f"got {tuple(y.shape)}")
+    _check_y("gated_residual_adaln", x, y)
     if use_triton("gated_residual_adaln", x, gate, y, shift, scale):
         from diffae.kernels import adaln as k
         return k.gated_residual_adaln(x, gate, y, shift, scale, eps)

@@ -25,6 +25,11 @@ def _check(x, out, prev, noise, pred, coeffs):
         raise ValueError(f"sampler_step: model output shape {tuple(out.shape)} != state shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
         raise TypeError(f"sampler_step: the sampler state must be float32, got {x.dtype}")
+    if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"sampler_step: the model output must be float32, bfloat16 or float16, got {out.dtype}")
+    for name, t in (("model output", out), ("prev", prev), ("noise", noise)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"sampler_step: {name} is on {t.device} but the state x is on {x.device}")
     if len(coeffs) != 5:
         raise ValueError("sampler_step: coeffs must be (cx, cd, ce, cp, cn)")
     for name, t, c in (("prev", prev, coeffs[3]), ("noise", noise, coeffs[4])):
@@ -32,6 +37,9 @@ def _check(x, out, prev, noise, pred, coeffs):
             raise ValueError(f"sampler_step: coefficient for {name} is {c} but {name} is None")
         if t is not None and t.shape != x.shape:
             raise ValueError(f"sampler_step: {name} shape {tuple(t.shape)} != state shape {tuple(x.shape)}")
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"sampler_step: {name} must be float32, bfloat16 or float16 (used in fp32), "
+                            f"got {t.dtype}")
 
 
 def sampler_step_reference(x, out, prev, noise, alpha: float, sigma: float, pred: str, clip: float,
