@@ -56,6 +56,7 @@ setup(
     packages=["diffae", "diffae.ops", "diffae.nn", "diffae.diffusion", "diffae.engine", "diffae.eval",
               "diffae.kernels"],
     package_dir={"diffae.kernels": "kernels"},
+    package_data={"diffae.eval": ["fd_fmnist.pt", "fd_fmnist.json"]},  # the shipped FD-FMNIST classifier
     ext_modules=ext_modules,
     cmdclass=cmdclass or {"build_ext": build_ext},
 )

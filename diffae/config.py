@@ -84,6 +84,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     augment_flip: bool = False
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row (steps skipped)
 
 
 @dataclass
@@ -173,6 +174,141 @@ def _preset(name: str, *, model: dict | None = None, encoder: dict | None = None
                   diffusion=DiffusionConfig(**(diffusion or {})), train=TrainConfig(**(train or {})))
 
 
+# --- the methods of the seed papers, as presets of the one framework ----------------------------
+# All five are sized like dae-s (DiT 384 wide, 12 deep, patch 2; ViT encoder 256 wide, 4 deep) for
+# Fashion-MNIST 28x28x1, and share one training recipe meant to fit in about 30 minutes on one H100.
+# What each paper establishes is in /work/shared/METHODS.md; where a paper leaves a detail open, the
+# docstring says so and names the choice made here.
+_METHOD_MODEL = dict(dim=384, depth=12, heads=6, patch=2)
+_METHOD_ENCODER = dict(dim=256, depth=4, heads=4, patch=4)
+_METHOD_TRAIN = dict(batch_size=256, steps=12000, lr=2e-4, warmup_steps=500, ema_decay=0.9995,
+                     log_every=100, ckpt_every=2000)
+
+
+def _method_diffae() -> Config:
+    """DiffAE (Preechakul et al., "Diffusion Autoencoders", CVPR 2022).
+
+    Taken from the paper: a static encoder z = E(x0) that never sees t; z enters the denoiser as a
+    multiplicative scale beside the timestep's scale-and-shift (`model.conditioning=scale`: AdaLN
+    from t, then (1 + W z) per sublayer, DiffAE's AdaGN); eps prediction, unweighted MSE, t uniform;
+    the VP process with DDPM's linear betas (`vp-linear`, the continuous-time form of beta 1e-4..0.02
+    over T = 1000), chosen over cosine because it is the paper's schedule; encoder and denoiser trained
+    end to end with the denoising loss only; afterwards a latent DDIM prior on standardised z with the
+    encoder frozen (`diffae train` does this, --prior-steps); DDIM inversion for reconstruction.
+
+    What differs: a DiT denoiser and a ViT encoder instead of the paper's UNet and half-UNet (so AdaGN
+    becomes AdaLN); z has 256 dims, not 512 (28x28 images); the latent prior uses diffae's cosine VP
+    process and a width of min(2048, 4 z_dim), not constant beta 0.008 at width 2048.
+    """
+    return _preset("diffae", model=dict(_METHOD_MODEL, conditioning="scale"),
+                   encoder=dict(_METHOD_ENCODER, kind="static", latent="deterministic", z_dim=256),
+                   diffusion=dict(process="vp-linear", prediction="eps", weighting="none", t_sampling="uniform"),
+                   train=dict(_METHOD_TRAIN))
+
+
+def _drl_config(name: str, latent: str, l1_weight: float = 0.0, kl_weight: float = 0.0) -> Config:
+    return _preset(name, model=dict(_METHOD_MODEL, conditioning="adaln"),
+                   encoder=dict(_METHOD_ENCODER, kind="time", latent=latent, z_dim=128,
+                                l1_weight=l1_weight, kl_weight=kl_weight),
+                   diffusion=dict(process="ve", prediction="score", weighting="none", t_sampling="uniform",
+                                  t_min=1e-5, t_max=1.0, sigma_min=0.01, sigma_max=50.0),
+                   train=dict(_METHOD_TRAIN))
+
+
+def _method_drl() -> Config:
+    """DRL (Mittal et al., "Diffusion-Based Representation Learning", ICML 2023), deterministic code.
+
+    Taken from the paper and its code: the VE SDE sigma(t) = 0.01 (50 / 0.01)^t; denoising score
+    matching with lambda(t) = sigma(t)^2, i.e. || sigma s + eps ||^2 (`prediction=score`, no extra
+    weighting); t ~ U(1e-5, 1); a time-dependent encoder E(x0, t), so each image maps to a curve of
+    codes over t; a deterministic code with an L1 penalty; 128 latent dims; Adam lr 2e-4, grad clip 1.
+
+    Detail control: the training noise distribution decides what the code keeps.  The default
+    samples t uniformly (log-sigma uniform, as in the paper's code); `--set diffusion.t_sampling=
+    uniform-sigma` samples sigma uniformly on [0.01, 50], which stresses high noise (the paper
+    reports the code then keeps class rather than stroke detail on MNIST); `diffusion.t_min/t_max`
+    restrict the range.
+
+    What differs: a DiT denoiser and a ViT encoder instead of DRL's UNets; the encoder sees t through
+    diffae's sinusoidal timestep embedding driving AdaLN, not a Fourier embedding of sigma added as a
+    channel bias; z enters through `adaln` (W z added to the timestep embedding, which drives every
+    block), the DiT analogue of DRL's latent concatenated to the time embedding as a channel bias;
+    the network input is scaled by 1 / sqrt(sigma^2 + 0.25).  The L1 weight is not established by
+    METHODS.md: 1e-5 here (on diffae's per-pixel-mean loss), a mild pull, about 1 % of the denoising
+    loss for codes of unit scale.  Batch 256 and EMA 0.9995 (paper code: 64 and 0.999) for throughput.
+    """
+    return _drl_config("drl", "deterministic", l1_weight=1e-5)
+
+
+def _method_vdrl() -> Config:
+    """VDRL (Mittal et al., "Diffusion-Based Representation Learning", ICML 2023), variational code.
+
+    Taken from the paper: everything of `drl` (see its docstring), with a Gaussian code q(z | x0, t)
+    (reparameterised in training, its mean as the embedding) and a KL penalty to N(0, I) instead of L1.
+
+    KL weight: the paper's code uses about 1e-5 against a denoising loss summed over pixels; diffae's
+    loss is the mean over pixels, so the same balance is 1e-5 / 784 = 1.28e-8 for 28x28x1 images,
+    which is what this preset uses.  That KL is weak: the code stays informative and far from N(0, I),
+    so unconditional samples should come from a latent prior (trained after, as for every
+    non-Bernoulli code) rather than from N(0, I).  `--set encoder.kl_weight=1e-5` pulls the code 784x
+    harder towards N(0, I) than the paper's code did.
+
+    What differs: as for `drl` (DiT + ViT, AdaLN conditioning, sinusoidal t embedding, batch 256).
+    """
+    return _drl_config("vdrl", "gaussian", kl_weight=1e-5 / 784)
+
+
+def _method_mldae() -> Config:
+    """Multi-level denoising autoencoder (Jiang & Cai, "Automated Learning of Semantic Embedding
+    Representations for Diffusion Models", 2025; no public code).
+
+    Taken from the paper: a DiT denoiser, and a timestep-dependent encoder E(x0, t) trained across all
+    noise levels jointly with the denoiser, so the embedding exists at every noise level; embeddings
+    read at any t or over several t: `model.encode(x, t=[...])` concatenates the codes (the
+    evaluation reports t = 0.5 and the concatenation over t = 0.25, 0.5, 0.75).
+
+    Not established, chosen here: the loss (diffae's denoising loss, v prediction on vp-cosine, t
+    uniform), how the embedding enters the DiT (`adaln`: added to the timestep embedding), "sequentially
+    consistent" (no extra term), z of 128 dims per level.
+    """
+    return _preset("mldae", model=dict(_METHOD_MODEL, conditioning="adaln"),
+                   encoder=dict(_METHOD_ENCODER, kind="time", latent="deterministic", z_dim=128),
+                   diffusion=dict(process="vp-cosine", prediction="v", weighting="none", t_sampling="uniform"),
+                   train=dict(_METHOD_TRAIN))
+
+
+def _method_dmz() -> Config:
+    """DMZ (Proszewska, Malkin, Siddharth, "On Designing Diffusion Autoencoders for Efficient Generation
+    and Representation Learning", 2025; no public code).
+
+    Taken from the paper (via public reviews): a binary code z ~ Bernoulli, trained straight-through;
+    z enters the denoiser only through cross-attention, as keys/values (`model.conditioning=cross-attn`:
+    z becomes 4 extra key/value tokens, and the timestep conditions the blocks alone); the plain
+    autoencoder objective, no KL and no learned prior: unconditional samples draw z from the
+    Bernoulli(1/2) prior (`diffae train` skips the latent prior for Bernoulli codes); generation aimed at
+    few steps; |z| modest: 64 bits here (the reviews: about the label space for generation, larger for
+    representations).
+
+    Not established, chosen here: the process and prediction (vp-cosine with v prediction, which keeps
+    the x0 estimate bounded at high noise and gives coherent few-step samples sooner), how z relates to
+    the forward process (not modelled), a static ViT encoder and DiT instead of the paper's U-Net.
+    """
+    return _preset("dmz", model=dict(_METHOD_MODEL, conditioning="cross-attn", z_tokens=4),
+                   encoder=dict(_METHOD_ENCODER, kind="static", latent="bernoulli", z_dim=64),
+                   diffusion=dict(process="vp-cosine", prediction="v", weighting="none", t_sampling="uniform"),
+                   train=dict(_METHOD_TRAIN))
+
+
+METHOD_PRESETS = ("diffae", "drl", "vdrl", "mldae", "dmz")
+
+
+def preset_doc(name: str) -> str:
+    """The docstring of a method preset (paper, what is taken, what differs); '' for the others."""
+    fn = {"diffae": _method_diffae, "drl": _method_drl, "vdrl": _method_vdrl, "mldae": _method_mldae,
+          "dmz": _method_dmz}.get(name)
+    return (fn.__doc__ or "") if fn else ""
+
+
 def _registry() -> dict[str, Config]:
     tiny_train = dict(batch_size=64, steps=1500, lr=1e-3, warmup_steps=50, ema_decay=0.995,
                       log_every=25, ckpt_every=250)
@@ -187,6 +323,12 @@ def _registry() -> dict[str, Config]:
                          encoder=dict(dim=512, depth=6, heads=8, z_dim=512)),
         "dae-l": _preset("dae-l", model=dict(dim=1024, depth=24, heads=16),
                          encoder=dict(dim=768, depth=12, heads=12, z_dim=768)),
+        # The seed papers' methods (see each function's docstring, or preset_doc(name)).
+        "diffae": _method_diffae(),
+        "drl": _method_drl(),
+        "vdrl": _method_vdrl(),
+        "mldae": _method_mldae(),
+        "dmz": _method_dmz(),
     }
 
 
