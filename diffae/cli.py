@@ -84,8 +84,7 @@ def cmd_train(a) -> int | None:
             print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
             prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
             state = trainer.state()
-            state["latent_prior"] = {"z_dim": prior.z_dim, "width": prior.width, "depth": prior.depth,
-                                     "state": prior.state_dict()}
+            state["latent_prior"] = {**prior.config(), "state": prior.state_dict()}
             checkpoint.save(path, state)
     print(f"checkpoint: {path}")
 

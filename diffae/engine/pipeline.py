@@ -9,17 +9,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import DiffusionConfig
 from ..diffusion import samplers
-from ..diffusion.process import Process
 from ..errors import CheckpointError, ConfigError, InputError
 from ..nn.autoencoder import DiffusionAutoencoder
-from ..nn.latent_prior import LatentPrior
+from ..nn.latent_prior import PROCESS as PRIOR_PROCESS, LatentPrior
 from . import checkpoint
 from .graphs import BUCKETS, GraphCache, bucket_for
 from .trainer import autocast
 
-PRIOR_PROCESS = Process(DiffusionConfig(process="vp-cosine"))  # the latent prior's own process
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -60,7 +57,9 @@ class Pipeline:
         prior = None
         if "latent_prior" in payload:
             p = payload["latent_prior"]
-            prior = LatentPrior(int(p["z_dim"]), int(p["width"]), int(p["depth"])).to(device)
+            # checkpoints before the v-prediction prior have no "prediction": theirs predicted eps
+            prior = LatentPrior(int(p["z_dim"]), int(p["width"]), int(p["depth"]),
+                                str(p.get("prediction", "eps"))).to(device)
             checkpoint.load_model_state(prior, p["state"], path, "latent prior")
             prior.eval().requires_grad_(False)
         return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
@@ -98,7 +97,8 @@ class Pipeline:
 
         def denoise(z: torch.Tensor, t: float) -> torch.Tensor:
             return net(z, torch.full((z.shape[0],), t, device=z.device))
-        return self.prior.destandardise(samplers.sample(denoise, zs, PRIOR_PROCESS, steps, "ddim", clip=0.0))
+        z = samplers.sample(denoise, zs, PRIOR_PROCESS, steps, "ddim", self.prior.prediction, clip=0.0)
+        return self.prior.destandardise(z)
 
     def _run(self, inputs: dict, steps: int, sampler: str, eta, prior_steps: int = 50) -> torch.Tensor:
         """The whole generation, from pre-drawn randomness to images; no host syncs (graph-capturable)."""

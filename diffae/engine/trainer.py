@@ -31,7 +31,6 @@ import torch
 
 from ..config import Config
 from ..data import Dataset
-from ..diffusion.process import Process
 from ..errors import ConfigError, DataError, DiffaeError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
@@ -422,15 +421,10 @@ def train_latent_prior(model: DiffusionAutoencoder, images: torch.Tensor, steps:
     prior.mean.copy_(z.mean(0))
     prior.std.copy_(z.std(0).clamp_min(1e-6))
     zs = prior.standardise(z)
-    process = Process(model.cfg.diffusion.__class__(process="vp-cosine"))
     opt = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
     progress = Progress(steps, unit="prior step")
     for step in range(1, steps + 1):
-        batch = zs[torch.randint(0, zs.shape[0], (min(batch_size, zs.shape[0]),), device=device)]
-        t = torch.rand(batch.shape[0], device=device)
-        alpha, sigma = process.alpha_sigma(t)
-        eps = torch.randn_like(batch)
-        loss = (prior(alpha[:, None] * batch + sigma[:, None] * eps, t) - eps).abs().mean()
+        loss = prior.loss(zs[torch.randint(0, zs.shape[0], (min(batch_size, zs.shape[0]),), device=device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
