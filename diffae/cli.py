@@ -3,6 +3,7 @@
 Errors a user can fix print one line (`diffae: error: ...`) and exit with status 2; nothing that
 exists is overwritten unless --overwrite is given.  `diffae train` saves a checkpoint on SIGINT
 (exit 130) or SIGTERM (exit 143) and says where; a second run on the same --out is refused.
+`torchrun --nproc-per-node N -m diffae train ...` trains data-parallel on N GPUs (or CPU processes).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import json
 import platform
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .config import PRESETS
@@ -52,7 +54,8 @@ def _save_npy(array, path: Path) -> None:
 def cmd_train(a) -> int | None:
     from .config import get_preset
     from .data import load
-    from .engine import checkpoint
+    from . import profiling
+    from .engine import checkpoint, distributed
     from .engine.lock import RunLock
     from .engine.trainer import Trainer, TrainingInterrupted, train_latent_prior
 
@@ -61,25 +64,35 @@ def cmd_train(a) -> int | None:
     for field, value in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed)):
         if value is not None:
             overrides.append(f"train.{field}={value}")
-    if a.compile:
-        overrides.append("train.compile=true")
+    if a.compile is not None:
+        overrides.append(f"train.compile={str(a.compile).lower()}")
     if a.data:
         overrides.append(f"train.dataset={a.data}")
     cfg = cfg.override(overrides)
+    window = _profile_window(a.profile)
     device = _device(a.device)
+    world, device = distributed.init(device)  # under torchrun: join the group, take this rank's GPU
     data = load(cfg.train.dataset, "train")
     if data.images.shape[1:] != (cfg.model.channels, cfg.model.img_size, cfg.model.img_size) and a.data:
         cfg = cfg.override([f"model.channels={data.images.shape[1]}", f"model.img_size={data.images.shape[2]}"])
     out = Path(a.out or f"runs/{cfg.preset}")
-    trainer = Trainer(cfg, data, out, device, resume=a.resume, quiet=a.quiet)
-    print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {device}; "
-          f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)
-    with RunLock(out):  # one run per directory, held until the latent prior is saved too
+    if window:
+        profiling.enable(True)
+    trainer = Trainer(cfg, data, out, device, resume=a.resume, quiet=a.quiet, profile=window)
+    if world.main:
+        on = f"{world.size} x {device.type}" if world.distributed else str(device)
+        print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {on}"
+              f"{' (compiled)' if trainer.compiled else ''}; "
+              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)
+    # one run per directory (rank 0 holds it), held until the latent prior is saved too
+    with RunLock(out) if world.main else nullcontext():
         try:
             path = trainer.fit()
         except TrainingInterrupted as exc:  # SIGINT -> 130, SIGTERM -> 143, after saving
             print(f"diffae: {exc}", file=sys.stderr)
             return exc.exit_code
+        if not world.main:
+            return None  # rank 0 alone trains the latent prior and writes
         if a.prior_steps and cfg.encoder.latent != "bernoulli":
             print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
             prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
@@ -87,6 +100,18 @@ def cmd_train(a) -> int | None:
             state["latent_prior"] = {**prior.config(), "state": prior.state_dict()}
             checkpoint.save(path, state)
     print(f"checkpoint: {path}")
+
+
+def _profile_window(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        start = stop = -1
+    if not 0 <= start < stop:
+        raise DiffaeError(f"--profile expects START:STOP steps with 0 <= START < STOP, got {text!r}")
+    return start, stop
 
 
 def cmd_sample(a) -> None:
@@ -227,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--prior-steps", type=int, default=2000, help="latent prior steps after training (0: none)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the loss (default: train.compile, 'auto': on CUDA, off on the CPU)")
+    t.add_argument("--profile", nargs="?", const="10:20", default=None, metavar="START:STOP",
+                   help="NVTX ranges on, and a torch.profiler trace of steps START..STOP-1 (default 10:20) "
+                   "to <out>/trace.json with the top ops by self time")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (after a kill, "
                    "Ctrl-C/SIGINT (exit 130) or SIGTERM (exit 143), which save a checkpoint first)")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
@@ -333,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                   "preset", file=sys.stderr)
             return 2
         raise
+    finally:
+        if "torch.distributed" in sys.modules:  # `train` under torchrun joined a process group
+            from .engine import distributed
+            distributed.shutdown()
     return code or 0
 
 

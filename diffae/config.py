@@ -33,6 +33,9 @@ class ModelConfig:
     conditioning: str = "adaln"   # how z enters: adaln | scale | cross-attn
     z_tokens: int = 4             # cross-attn: z becomes this many key/value tokens
     qk_norm: bool = False
+    # recompute each transformer block's activations in the backward pass: less memory, ~1/3 more
+    # compute; not part of the architecture (a run may resume with it switched)
+    activation_checkpointing: bool = False
 
     @property
     def tokens(self) -> int:
@@ -79,7 +82,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = True             # autocast on CUDA (CPU stays fp32)
-    compile: bool = False
+    compile: bool | str = "auto"  # torch.compile the loss: "auto" (on for CUDA, off for CPU), true, false
+    grad_accum: int = 1           # micro-batches per optimizer step; the step still sees batch_size images
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -118,6 +122,12 @@ class Config:
             raise ConfigError("prediction 'score' needs diffusion.process='ve'")
         if e.latent == "bernoulli" and m.conditioning != "cross-attn" and e.z_dim > 4096:
             raise ConfigError("encoder.z_dim too large for a Bernoulli code")
+        t = self.train
+        t.compile = parse_compile(t.compile)
+        if t.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
+        if t.batch_size < 1 or t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         return self
 
     def to_dict(self) -> dict:
@@ -152,12 +162,31 @@ class Config:
         return Config.from_dict(data)
 
 
+def parse_compile(value) -> bool | str:
+    """train.compile as "auto", True or False; configs written before "auto" existed hold a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false", "1", "0", "on", "off"):
+        return "auto" if text == "auto" else text in ("true", "1", "on")
+    raise ConfigError(f"train.compile={value!r} is not valid; use auto, true or false")
+
+
+def resolve_compile(value, device_type: str) -> bool:
+    """Whether to compile on this device: "auto" compiles on CUDA only, where it pays off; on the
+    CPU Inductor's C++ build costs more than the short runs there save."""
+    value = parse_compile(value)
+    return device_type == "cuda" if value == "auto" else value
+
+
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
 
 
 def _parse_like(old, raw: str, key: str):
+    if key == "train.compile":  # tri-state: auto | true | false
+        return parse_compile(raw)
     try:
         if isinstance(old, bool):
             if raw.lower() not in ("true", "false", "1", "0"):

@@ -230,8 +230,8 @@ def _inject_nan(trainer, bad_steps):
     """Steps (1-based) whose batch is poisoned with NaN, so loss and gradients are non-finite."""
     original = trainer.loss_fn
 
-    def loss_fn(x0):
-        return original(x0 * float("nan") if trainer.step + 1 in bad_steps else x0)
+    def loss_fn(x0, *rest):
+        return original(x0 * float("nan") if trainer.step + 1 in bad_steps else x0, *rest)
     trainer.loss_fn = loss_fn
 
 
@@ -279,7 +279,7 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_checkpoint(micro_c
     # the CLI prints it as one line and exits 2
     from diffae.nn.autoencoder import DiffusionAutoencoder
     original = DiffusionAutoencoder.loss
-    monkeypatch.setattr(DiffusionAutoencoder, "loss", lambda self, x0: original(self, x0 * float("nan")))
+    monkeypatch.setattr(DiffusionAutoencoder, "loss", lambda self, x0, **kw: original(self, x0 * float("nan"), **kw))
     err = _one_line_error(capsys, 2, _train_argv(tmp_path / "cli", 40, "--set", "train.max_nonfinite_steps=3",
                                                  "--set", "train.log_every=5"))
     assert err.startswith("diffae: error: training stopped at step 5: 5 steps in a row") and \

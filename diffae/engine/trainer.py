@@ -3,6 +3,13 @@ checkpoints with exact resume, JSONL metrics (and TensorBoard when installed), a
 
 The loss is read back to the host only every `log_every` steps, so steps queue without syncs.
 
+Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA), gradient
+accumulation (train.grad_accum), activation checkpointing (model.activation_checkpointing) and
+data parallelism under torchrun (DistributedDataParallel; see engine/distributed.py).  Every
+rank draws the randomness of the whole global batch from the same seed and takes its slice, so a
+run does not depend on the number of ranks or micro-batches, and resumes on any number of them.
+The log reports images/s and, on CUDA, MFU (engine/flops.py).
+
 Faults it survives:
 - SIGKILL at any moment: checkpoints are atomic and checksummed, `resume=True` continues
   bit-exactly from the last complete one; a killed run's temporary files are removed.
@@ -29,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, resolve_compile
 from ..data import Dataset
 from ..errors import ConfigError, DataError, DiffaeError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
-from ..profiling import nvtx_range
-from . import checkpoint
+from ..profiling import TraceWindow, nvtx_range
+from . import checkpoint, distributed, flops
 from .lock import RunLock
 from .progress import Progress
 
@@ -109,7 +116,8 @@ def _oom_message(exc: BaseException, cfg: Config, device: torch.device, where: s
     detail = "; ".join([sentences[0]] + [x for x in sentences[1:] if x.startswith("Tried to allocate")])
     return (f"out of {'GPU ' if device.type == 'cuda' else ''}memory {where} (preset {cfg.preset!r}, batch size "
             f"{bs}, on {device}): {detail or 'out of memory'}; try --batch-size {max(bs // 2, 1)}, a smaller preset, "
-            f"or gradient accumulation / activation checkpointing to trade time for memory; {ckpt}")
+            f"or trade time for memory with gradient accumulation (--set train.grad_accum=2) or activation "
+            f"checkpointing (--set model.activation_checkpointing=true); {ckpt}")
 
 
 def _rng_state(device: torch.device, data_gen: torch.Generator) -> dict:
@@ -150,14 +158,38 @@ class BatchSampler:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
+class _StepLoss(torch.nn.Module):
+    """model.loss as a module's forward: the call DistributedDataParallel wraps (it reduces the
+    gradients after its forward's backward) and torch.compile compiles."""
+
+    def __init__(self, model: DiffusionAutoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: torch.Tensor, noise: dict[str, torch.Tensor]):
+        out = self.model.loss(x0, noise=noise)
+        return out.loss, out.denoise, out.reg
+
+
 class Trainer:
+    """Trains one model; under an initialised process group (torchrun) it is one rank of a
+    data-parallel run, where rank 0 alone writes the checkpoint, metrics and progress.
+
+    profile: (start, stop) records steps start..stop-1 of each fit() call with torch.profiler
+    (rank 0), writes <out_dir>/trace.json and prints the top ops by self time.
+    """
+
     def __init__(self, cfg: Config, data: Dataset, out_dir: str | Path, device: str | torch.device = "cpu",
-                 resume: bool = False, quiet: bool = False):
+                 resume: bool = False, quiet: bool = False, profile: tuple[int, int] | None = None):
         self.cfg = cfg.validate()
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
-        self.quiet = quiet
+        self.world = distributed.current()
+        self.quiet = quiet or not self.world.main
+        self.profile = profile
+        # images per rank and step; refuses a global batch that does not split evenly
+        self.local_batch = distributed.local_batch(cfg.train.batch_size, self.world, cfg.train.grad_accum)
         m = cfg.model
         if tuple(data.images.shape[1:]) != (m.channels, m.img_size, m.img_size):
             raise DataError(f"dataset {data.name!r} has images {tuple(data.images.shape[1:])} but preset "
@@ -165,7 +197,8 @@ class Trainer:
                             "set model.channels / model.img_size to match")
         if cfg.train.max_nonfinite_steps < 1:
             raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {cfg.train.max_nonfinite_steps}")
-        if self.out_dir.is_dir():  # refuse early, before reading a checkpoint another run is writing
+        # refuse early, before reading a checkpoint another run is writing (rank 0 holds the lock)
+        if self.world.main and self.out_dir.is_dir():
             with RunLock(self.out_dir):
                 pass
         if self.ckpt_path.exists() and not resume:
@@ -185,7 +218,16 @@ class Trainer:
         self.sampler = BatchSampler(len(data), cfg.train.batch_size, self.data_gen)
         self.step = 0
         self.saved_step: int | None = None
-        self.loss_fn = torch.compile(self.model.loss) if cfg.train.compile else self.model.loss
+        self.ddp = None
+        step_loss = _StepLoss(self.model)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = step_loss = DistributedDataParallel(
+                step_loss, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.compiled = resolve_compile(cfg.train.compile, self.device.type)
+        self.loss_fn = torch.compile(step_loss) if self.compiled else step_loss
+        self.flops_per_image = flops.train_flops_per_image(cfg)
+        self.peak_flops: float | None = None  # measured once, at the first fit() on CUDA
         # non-finite bookkeeping, all on the device: the current run of bad steps, the longest run
         # since the last check, the total; `last_ok` is the latest step's flag
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -206,10 +248,11 @@ class Trainer:
         with torch.no_grad():
             norms = torch._foreach_norm(list(self.model.parameters()) + list(self.ema.parameters()))
             finite = bool(torch.isfinite(torch.stack(norms)).all())  # one sync per checkpoint
-        if not finite:
+        if not finite:  # the same on every rank: their weights are identical
             raise NonFiniteError(f"the weights became non-finite by step {self.step}; not saving them, "
                                  f"{self._last_good()}")
-        checkpoint.save(self.ckpt_path, self.state())
+        if self.world.main:
+            checkpoint.save(self.ckpt_path, self.state())
         self.saved_step = self.step
         return self.ckpt_path
 
@@ -221,8 +264,7 @@ class Trainer:
     def _resume(self) -> None:
         payload = checkpoint.load(self.ckpt_path, map_location=self.device)
         saved = checkpoint.config_of(payload, self.ckpt_path)
-        if saved.to_dict()["model"] != self.cfg.to_dict()["model"] or \
-                saved.to_dict()["encoder"] != self.cfg.to_dict()["encoder"]:
+        if _architecture(saved) != _architecture(self.cfg):
             raise ConfigError(f"{self.ckpt_path} was trained with preset {saved.preset!r} and a different "
                               f"architecture than {self.cfg.preset!r}; resume with the same preset")
         checkpoint.load_model_state(self.model, payload["model"], self.ckpt_path)
@@ -239,26 +281,46 @@ class Trainer:
         return t.lr * min(1.0, (self.step + 1) / max(t.warmup_steps, 1))
 
     def train_step(self) -> torch.Tensor:
+        """One optimizer step on one global batch; returns its (loss, denoise, reg), averaged over
+        the whole global batch (identical on every rank), on the device."""
         t = self.cfg.train
+        B, accum = t.batch_size, t.grad_accum
+        mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
         with nvtx_range("data"):
-            x0 = self.data.images[self.sampler.next().to(self.device)]
+            # indices and randomness of the whole global batch, the same on every rank, then this
+            # rank's slice: the run is that of one process whatever the number of ranks
+            x0 = self.data.images[self.sampler.next()[mine].to(self.device)]
             if t.augment_flip:
-                flip = torch.rand(x0.shape[0], 1, 1, 1, device=self.device) < 0.5
+                flip = (torch.rand(B, 1, 1, 1, device=self.device) < 0.5)[mine]
                 x0 = torch.where(flip, x0.flip(-1), x0)
+            noise = {k: v[mine] for k, v in self.model.draw_noise(B, self.device).items()}
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
-        with nvtx_range("forward"), autocast(self.device, t.bf16):
-            out = self.loss_fn(x0)
-        with nvtx_range("backward"):
-            self.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        micro = self.local_batch // accum
+        losses = None
+        for i in range(accum):
+            part = slice(i * micro, (i + 1) * micro)
+            # DDP reduces the gradients in the backward of the last micro-batch only
+            sync = i == accum - 1 or self.ddp is None
+            with nullcontext() if sync else self.ddp.no_sync():
+                with nvtx_range("forward"), autocast(self.device, t.bf16):
+                    out = self.loss_fn(x0[part], {k: v[part] for k, v in noise.items()})
+                with nvtx_range("backward"):
+                    (out[0] / accum if accum > 1 else out[0]).backward()  # the mean over the batch
+            parts = torch.stack([v.detach().float() for v in out])
+            losses = parts if losses is None else losses + parts
+        if accum > 1:
+            losses = losses / accum
+        distributed.mean_(losses, self.world)
         with nvtx_range("optimizer"):
             if t.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            # a NaN/Inf anywhere in the loss or the gradients makes this False, on the device
-            ok = torch.isfinite(norm) & torch.isfinite(out.loss.detach())
+            # a NaN/Inf anywhere in the loss or the gradients makes this False, on the device; the
+            # gradients are reduced and the loss averaged over ranks, so every rank agrees
+            ok = torch.isfinite(norm) & torch.isfinite(losses[0])
             self.opt.found_inf = (~ok).float()  # fused AdamW skips the update when it is 1
             self.opt.step()
         with nvtx_range("ema"):
@@ -269,7 +331,7 @@ class Trainer:
         self._bad_total = self._bad_total + bad
         self.last_ok = ok
         self.step += 1
-        return torch.stack([out.loss.detach(), out.denoise.detach(), out.reg.detach()])
+        return losses
 
     @torch.no_grad()
     def _update_ema(self, ok: torch.Tensor | None = None) -> None:
@@ -301,13 +363,19 @@ class Trainer:
         """Train up to `steps` (default train.steps); returns the checkpoint path.  Holds the run
         directory's lock throughout; SIGINT/SIGTERM save a checkpoint and raise TrainingInterrupted."""
         total = steps if steps is not None else self.cfg.train.steps
-        with RunLock(self.out_dir), _SignalGuard() as signals:
-            checkpoint.remove_stale_temporaries(self.ckpt_path)  # left by a killed writer
-            try:
-                (self.out_dir / "config.json").write_text(self.cfg.to_json())
-                metrics = _open_metrics(self.out_dir / "metrics.jsonl", self.step)
-            except OSError as exc:
-                raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
+        main = self.world.main  # only rank 0 touches the run directory
+        with RunLock(self.out_dir) if main else nullcontext(), _SignalGuard() as signals:
+            metrics = _NoMetrics()
+            if main:
+                checkpoint.remove_stale_temporaries(self.ckpt_path)  # left by a killed writer
+                try:
+                    (self.out_dir / "config.json").write_text(self.cfg.to_json())
+                    metrics = _open_metrics(self.out_dir / "metrics.jsonl", self.step)
+                except OSError as exc:
+                    raise OutputError(f"cannot write to {self.out_dir}: {exc.strerror or exc}") from None
+            if main and self.peak_flops is None and self.device.type == "cuda":
+                self.peak_flops = flops.measure_matmul_flops(self.device)  # the MFU denominator
+                torch.cuda.empty_cache()
             try:
                 self._loop(total, metrics, signals)
             except torch.OutOfMemoryError as exc:
@@ -318,20 +386,28 @@ class Trainer:
         return self.ckpt_path
 
     def _loop(self, total: int, metrics, signals: _SignalGuard) -> None:
-        t = self.cfg.train
-        board = _tensorboard(self.out_dir)
+        t, world = self.cfg.train, self.world
+        board = _tensorboard(self.out_dir) if world.main else None
         progress = Progress(total, self.step)
         acc, acc_n, t_last, step_last = None, None, time.perf_counter(), self.step
         skipped_before = self.nonfinite_total
+        first = self.step
+        window = None
+        if self.profile and world.main:
+            window = TraceWindow(*self.profile, self.out_dir / "trace.json", self.device)
+            window.step(0)
         try:
             while self.step < total:
                 losses = self.train_step()
+                if window is not None:
+                    window.step(self.step - first)
                 good = self.last_ok
                 # skipped steps stay out of the logged average (a NaN would poison it)
                 acc = torch.where(good, losses, 0.0) + (0.0 if acc is None else acc)
                 acc_n = good.float() + (0.0 if acc_n is None else acc_n)
                 last = self.step == total
-                if self.step % t.log_every == 0 or last:
+                logged = self.step % t.log_every == 0 or last
+                if logged:
                     _, skipped = self._check_nonfinite()
                     sums = torch.cat([acc, acc_n[None]]).tolist()  # the one host sync per log interval
                     n = sums[3]
@@ -339,8 +415,11 @@ class Trainer:
                     loss, denoise, reg = (v / n for v in sums[:3]) if n else (None,) * 3
                     now = time.perf_counter()
                     rate = (self.step - step_last) * t.batch_size / (now - t_last)
+                    mfu = flops.mfu(self.flops_per_image, rate, self.peak_flops, world.size)
                     rec = {"step": self.step, "loss": loss, "denoise": denoise, "reg": reg,
                            "lr": self._lr(), "img_per_s": round(rate, 1), "time": time.time()}
+                    if mfu is not None:
+                        rec["mfu"] = round(mfu, 4)
                     if skipped > skipped_before:
                         rec["skipped_nonfinite"] = skipped - skipped_before
                     skipped_before = skipped
@@ -351,14 +430,20 @@ class Trainer:
                             if rec[k] is not None:
                                 board.add_scalar(k, rec[k], self.step)
                     if not self.quiet:
-                        progress.update(self.step, loss=float("nan") if loss is None else loss)
+                        progress.update(self.step, loss=float("nan") if loss is None else loss,
+                                        **({"MFU": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
                     acc, acc_n, t_last, step_last = None, None, now, self.step
                 if self.step % t.ckpt_every == 0 or last:
                     self._check_nonfinite()  # never checkpoint past the limit
                     self.save()
-                if signals.received is not None:
-                    self._interrupted(signals.received)
+                signum = signals.received or 0
+                if world.distributed:  # all ranks stop at the same step: agree at log steps (a sync)
+                    signum = distributed.max_(signum, world, self.device) if logged else 0
+                if signum:
+                    self._interrupted(signum)
         finally:
+            if window is not None:
+                window.close()
             if board is not None:
                 board.close()
             if not self.quiet:
@@ -370,6 +455,26 @@ class Trainer:
         name = signal.Signals(signum).name
         raise TrainingInterrupted(f"{name} received: stopped at step {self.step}, checkpoint saved to "
                                   f"{self.ckpt_path}; continue with --resume", signum, self.ckpt_path, self.step)
+
+
+def _architecture(cfg: Config) -> dict:
+    """What a checkpoint's weights depend on (activation checkpointing changes only memory use)."""
+    d = cfg.to_dict()
+    model = {k: v for k, v in d["model"].items() if k != "activation_checkpointing"}
+    return {"model": model, "encoder": d["encoder"]}
+
+
+class _NoMetrics:
+    """The metrics file of ranks other than 0."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _open_metrics(path: Path, step: int):

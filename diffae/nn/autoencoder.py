@@ -63,10 +63,11 @@ class DiffusionAutoencoder(nn.Module):
         return z
 
     # --- the two networks -------------------------------------------------------------------
-    def encode_latent(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False) -> Latent:
+    def encode_latent(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False,
+                      noise: torch.Tensor | None = None) -> Latent:
         if self.encoder.time_dependent and t is None:
             t = torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device)
-        return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample)
+        return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample, noise=noise)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, net=None) -> torch.Tensor:
         """Network output for x_t at times t (B,) given z; input scaling for the process applied.
@@ -92,17 +93,35 @@ class DiffusionAutoencoder(nn.Module):
             raise InputError("a list of t needs a time-dependent encoder (encoder.kind='time')")
         return torch.cat([self.encode(x0, float(ti)) for ti in t], -1)
 
-    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """One Monte-Carlo estimate of the training objective on a batch of clean images."""
+    def draw_noise(self, n: int, device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The randomness of one loss evaluation on n images: times "t" (n,), Gaussian noise "eps"
+        (n, C, H, W) and, for a sampled code, the latent head's "latent" (n, z_dim).
+
+        Apart from the loss so that data-parallel ranks can each draw it for the whole global batch
+        (in step, from one seed) and take their slice: a run then does not depend on the number of
+        ranks or micro-batches, and no random op sits inside a compiled graph."""
+        m = self.cfg.model
+        noise = {"t": self.process.sample_t(n, device, generator),
+                 "eps": torch.randn((n, m.channels, m.img_size, m.img_size), device=device, generator=generator)}
+        latent = self.encoder.head.draw_noise(n, device, generator)
+        if latent is not None:
+            noise["latent"] = latent
+        return noise
+
+    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+             noise: dict[str, torch.Tensor] | None = None) -> LossOutput:
+        """One Monte-Carlo estimate of the training objective on a batch of clean images; `noise`
+        (see draw_noise, sliced to the batch) is drawn from `generator` when not given."""
         B = x0.shape[0]
         d = self.cfg.diffusion
-        t = self.process.sample_t(B, x0.device, generator)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        if noise is None:
+            noise = self.draw_noise(B, x0.device, generator)
+        t, eps = noise["t"], noise["eps"]
         alpha, sigma = self.process.alpha_sigma(t)
         a4, s4 = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         x_t = a4 * x0 + s4 * eps
         with nvtx_range("encoder"):
-            latent = self.encode_latent(x0, t, sample=True)
+            latent = self.encode_latent(x0, t, sample=True, noise=noise.get("latent"))
         with nvtx_range("denoiser"):
             out = self.denoise(x_t, t, latent.z)
         per_sample = (out.float() - target(d.prediction, x0, eps, a4, s4)).pow(2).mean((1, 2, 3))

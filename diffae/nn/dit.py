@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ModelConfig
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_block
 
 
 class DiT(nn.Module):
@@ -51,7 +51,8 @@ class DiT(nn.Module):
         else:
             z_tokens = self.z_tokens(z).view(B, self.cfg.z_tokens, self.cfg.dim)
         for i, block in enumerate(self.blocks):
-            h = block(h, c, None if z_scales is None else z_scales[i], z_tokens)
+            h = run_block(block, self.cfg.activation_checkpointing, h, c,
+                          None if z_scales is None else z_scales[i], z_tokens)
         shift, scale = self.final_ada(F.silu(c)).chunk(2, -1)
         h = self.out(ops.adaln_modulate(h, shift, scale))  # (B, N, p*p*C)
         return self.unpatchify(h)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..config import EncoderConfig, ModelConfig
 from .latent import Latent, make_latent_head
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_block
 
 
 class Encoder(nn.Module):
@@ -20,6 +20,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.time_dependent = cfg.kind == "time"
+        self.checkpointing = model_cfg.activation_checkpointing
         self.x_embed = PatchEmbed(model_cfg.channels, cfg.dim, cfg.patch, model_cfg.img_size)
         if self.time_dependent:
             self.t_embed = TimestepEmbedding(cfg.dim)
@@ -29,7 +30,9 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = make_latent_head(cfg.latent, cfg.dim, cfg.z_dim, cfg.l1_weight, cfg.kl_weight)
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False) -> Latent:
+    def forward(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False,
+                noise: torch.Tensor | None = None) -> Latent:
+        """noise: the latent head's sampling noise (see its draw_noise), drawn by the head if None."""
         B = x0.shape[0]
         if self.time_dependent:
             if t is None:
@@ -39,5 +42,5 @@ class Encoder(nn.Module):
             c = self.const.expand(B, -1)
         h = self.x_embed(x0)
         for block in self.blocks:
-            h = block(h, c)
-        return self.head(self.norm(h.mean(1).float()), sample=sample)  # pooled (B, dim) -> Latent
+            h = run_block(block, self.checkpointing, h, c)
+        return self.head(self.norm(h.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent

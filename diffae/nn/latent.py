@@ -25,7 +25,10 @@ class DeterministicHead(nn.Module):
         super().__init__()
         self.proj, self.l1_weight = nn.Linear(features, z_dim), l1_weight
 
-    def forward(self, h: torch.Tensor, sample: bool = False) -> Latent:
+    def draw_noise(self, n: int, device=None, generator=None) -> None:
+        return None  # nothing to sample
+
+    def forward(self, h: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Latent:
         z = self.proj(h)
         reg = self.l1_weight * z.float().abs().sum(-1).mean() if self.l1_weight else z.new_zeros(())
         return Latent(z, z, reg)
@@ -39,12 +42,20 @@ class GaussianHead(nn.Module):
 
     def __init__(self, features: int, z_dim: int, kl_weight: float = 0.0):
         super().__init__()
-        self.proj, self.kl_weight = nn.Linear(features, 2 * z_dim), kl_weight
+        self.proj, self.kl_weight, self.z_dim = nn.Linear(features, 2 * z_dim), kl_weight, z_dim
 
-    def forward(self, h: torch.Tensor, sample: bool = False) -> Latent:
+    def draw_noise(self, n: int, device=None, generator=None) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, device=device, generator=generator)  # (n, z_dim) N(0, I)
+
+    def forward(self, h: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Latent:
+        """noise: the reparameterisation's N(0, I) draw (B, z_dim) when sampling (drawn here if None)."""
         mu, logvar = self.proj(h).float().chunk(2, -1)
         logvar = logvar.clamp(-30.0, 20.0)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
+        if sample:
+            eps = torch.randn_like(mu) if noise is None else noise
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mu
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
         return Latent(z, mu, self.kl_weight * kl)
 
@@ -58,11 +69,18 @@ class BernoulliHead(nn.Module):
 
     def __init__(self, features: int, z_dim: int):
         super().__init__()
-        self.proj = nn.Linear(features, z_dim)
+        self.proj, self.z_dim = nn.Linear(features, z_dim), z_dim
 
-    def forward(self, h: torch.Tensor, sample: bool = False) -> Latent:
+    def draw_noise(self, n: int, device=None, generator=None) -> torch.Tensor:
+        return torch.rand(n, self.z_dim, device=device, generator=generator)  # (n, z_dim) U(0, 1)
+
+    def forward(self, h: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None) -> Latent:
+        """noise: uniform draws (B, z_dim) when sampling; bit i is 1 where noise < p_i."""
         p = torch.sigmoid(self.proj(h).float())
-        bits = torch.bernoulli(p) if sample else (p > 0.5).float()
+        if sample:
+            bits = ((torch.rand_like(p) if noise is None else noise) < p).float()
+        else:
+            bits = (p > 0.5).float()
         z = bits + p - p.detach()
         return Latent(z, p, p.new_zeros(()))
 

@@ -10,8 +10,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
+    """block(*args); with activation checkpointing, only the block's inputs are kept for the
+    backward pass, which recomputes the rest (non-reentrant: works under torch.compile and DDP)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class TimestepEmbedding(nn.Module):
