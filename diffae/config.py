@@ -227,7 +227,8 @@ def _method_diffae() -> Config:
 
     What differs: a DiT denoiser and a ViT encoder instead of the paper's UNet and half-UNet (so AdaGN
     becomes AdaLN); z has 256 dims, not 512 (28x28 images); the latent prior uses diffae's cosine VP
-    process and a width of min(2048, 4 z_dim), not constant beta 0.008 at width 2048.
+    process, v- instead of eps-prediction (see nn/latent_prior.py: eps was unstable at high noise)
+    and a width of min(2048, 4 z_dim), not constant beta 0.008 at width 2048.
     """
     return _preset("diffae", model=dict(_METHOD_MODEL, conditioning="scale"),
                    encoder=dict(_METHOD_ENCODER, kind="static", latent="deterministic", z_dim=256),

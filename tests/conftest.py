@@ -32,6 +32,15 @@ def micro_cfg():
                          "train.dataset=synthetic"])
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two on a busy 2-core CI machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -25,13 +25,7 @@ MICRO = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.head
          "--set", "encoder.patch=7", "--set", "encoder.z_dim=8", "--set", "train.warmup_steps=5"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is faster than two on a busy 2-core CI machine (no OpenMP spinning)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_argv(out, steps, *extra):
