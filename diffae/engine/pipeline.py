@@ -18,7 +18,6 @@ from .graphs import BUCKETS, GraphCache, bucket_for
 from .trainer import autocast
 
 
-
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     """Spherical interpolation per sample (for Gaussian noise x_T)."""
     af, bf = a.flatten(1), b.flatten(1)
