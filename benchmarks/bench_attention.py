@@ -18,23 +18,19 @@ Autotuning (first call of each shape) is excluded.  JSON goes to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import re
-import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import host_us, write_result  # noqa: E402
 
 SHAPES = [(64, 12, 256, 64), (16, 12, 1024, 64), (8, 16, 1024, 72), (4, 16, 4096, 64),
           (2, 16, 4096, 128)]  # (B, H, N, D)
 TARGET_SHAPES = {(64, 12, 256, 64), (16, 12, 1024, 64)}  # fwd+bwd >= 1.2x cuDNN here
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def main() -> int:
@@ -47,7 +43,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA device", file=sys.stderr)
         return 1
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
@@ -98,9 +93,6 @@ def main() -> int:
              "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
 
     result = {
-        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python3", *map(shlex.quote, sys.argv)]),
         "dtype": "bfloat16", "causal": False, "matmul_tflops": round(mm_tflops, 1),
         "head_dim_mode": K._D_MODE, "head_geometry_72": K.head_geometry(72),
         "flops": "fwd 4*B*H*N^2*D, bwd 2.5x fwd, fwd+bwd 3.5x fwd",
@@ -108,8 +100,6 @@ def main() -> int:
                    "the packed layout"),
         "rows": [],
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{_slug(gpu)}-attention.json")
     g = torch.Generator(device=dev).manual_seed(0)
     header = (f"{'B,H,N,D':>16} {'impl':>7} {'fwd ms':>8} {'fwd TF':>7} {'bwd ms':>8} {'bwd TF':>7} "
               f"{'f+b ms':>8} {'f+b TF':>7}")
@@ -171,8 +161,7 @@ def main() -> int:
                                              for m in ("fwd", "bwd", "fwd_bwd")}
         result["rows"].append(row)
         result["autotuned_configs"] = K.best_configs(timings=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        path = write_result("attention", result, args.out)  # rewritten after each shape
         del qkv, do, x, outs
         torch.cuda.empty_cache()
 
@@ -182,16 +171,6 @@ def main() -> int:
     tiny_x = tiny.clone().requires_grad_()
     tiny_do = torch.randn(1, 64, 128, device=dev, dtype=torch.bfloat16)
 
-    def host_us(f, iters=300):
-        for _ in range(20):
-            f()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            f()
-        torch.cuda.synchronize()
-        return round((time.perf_counter() - t0) / iters * 1e6, 1)
-
     result["host_us"] = {}
     for name, fn in impls.items():
         def f_fwd():
@@ -199,7 +178,8 @@ def main() -> int:
                 fn(tiny)
         try:
             f_fb = lambda: torch.autograd.grad(fn(tiny_x), tiny_x, tiny_do)  # noqa: E731
-            result["host_us"][name] = {"fwd": host_us(f_fwd), "fwd_bwd": host_us(f_fb)}
+            result["host_us"][name] = {"fwd": round(host_us(f_fwd, 300, 20), 1),
+                                      "fwd_bwd": round(host_us(f_fb, 300, 20), 1)}
         except Exception as exc:
             result["host_us"][name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     print("host us per call (fwd, fwd+bwd):", result["host_us"])
@@ -218,8 +198,7 @@ def main() -> int:
         if sc and shape in TARGET_SHAPES:
             verdict.append((f"{shape} fwd+bwd >= 1.2x cudnn", sc["fwd_bwd"] >= 1.2))
     result["targets"] = {k: bool(v) for k, v in verdict}
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = write_result("attention", result, args.out)
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in verdict))
     print(f"wrote {path}")
     return 0

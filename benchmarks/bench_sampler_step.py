@@ -11,14 +11,14 @@ against a device-to-device copy measured in the same run.  JSON goes to
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import re
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import host_us, write_result  # noqa: E402
 
 SHAPES = [(1, 3, 32, 32), (64, 3, 32, 32), (64, 4, 128, 128)]
 # (name, pred, model-output dtype, prev?, noise?, clip): a DDIM step with eta > 0 on a bf16 model,
@@ -27,21 +27,6 @@ CASES = [
     ("ddim_eta_eps_bf16", "eps", torch.bfloat16, False, True, 0.0),
     ("dpmpp2m_v_fp32_clip", "v", torch.float32, True, False, 1.0),
 ]
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _host_us(fn, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
 
 
 def main() -> int:
@@ -53,7 +38,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_sampler_step: needs a CUDA device", file=sys.stderr)
         return 1
-    import triton
     from triton.testing import do_bench
 
     import diffae._C  # noqa: F401  (a missing extension should fail loudly here)
@@ -100,7 +84,7 @@ def main() -> int:
                 "shape": list(shape), "case": name, "numel": n,
                 "fused_us": round(fused_us, 2), "reference_us": round(ref_us, 2),
                 "speedup": round(ref_us / fused_us, 2),
-                "fused_host_us": round(_host_us(fused), 2), "reference_host_us": round(_host_us(reference), 2),
+                "fused_host_us": round(host_us(fused), 2), "reference_host_us": round(host_us(reference), 2),
                 "fused_gbs": round(nbytes / (fused_us * 1e-6) / 1e9, 1),
                 "fused_frac_of_copy_bw": round(nbytes / (fused_us * 1e-6) / 1e9 / copy_gbs, 3),
                 "max_abs_diff_vs_reference": max_diff,
@@ -112,21 +96,12 @@ def main() -> int:
                   f"{row['fused_gbs']:7.1f} GB/s ({row['fused_frac_of_copy_bw']:.0%} of copy)  "
                   f"maxdiff {max_diff:.2e}")
 
-    gpu = torch.cuda.get_device_name()
-    result = {
+    path = write_result("sampler_step", {
         "benchmark": "sampler_step",
-        "gpu": gpu,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python3 " + " ".join(sys.argv),
         "units": "microseconds (do_bench median); host_us = wall time per call, back to back",
         "copy_ceiling_gbs": round(copy_gbs, 1),
         "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{_slug(gpu)}-sampler_step.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    }, args.out)
     print(f"copy ceiling {copy_gbs:.1f} GB/s; wrote {path}")
     return 0
 

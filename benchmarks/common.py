@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def host_us(fn, iters: int = 200, warmup: int = 10) -> float:
+    """Wall-clock microseconds per call of a back-to-back loop: what a launch-bound loop without
+    CUDA graphs pays on the host (the GPU work is meant to be tiny)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
 def ceilings() -> dict:
     """Device-to-device copy rate (bytes read + written) and the bf16 matmul rate, measured now."""
     x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
@@ -39,7 +53,7 @@ def ceilings() -> dict:
 
 def environment() -> dict:
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])}
     try:
         import triton

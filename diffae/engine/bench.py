@@ -8,7 +8,6 @@ import torch
 
 from ..config import get_preset
 from ..nn.autoencoder import DiffusionAutoencoder
-from ..nn.latent_prior import LatentPrior
 from .pipeline import Pipeline
 
 
