@@ -50,6 +50,18 @@ YARDSTICK_SHAPES = {"model": (768, 12, 12, 2), "encoder": (512, 6, 8, 4, 512)}
 SUITE = (("dae-b", 32, 256), ("dae-l", 64, 32))
 
 
+def add_trainer_args(p: argparse.ArgumentParser, batch: int = 256) -> None:
+    """The options make_trainer reads (shared with profile_train.py)."""
+    p.add_argument("--preset", default="dae-b")
+    p.add_argument("--img", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=batch, help="the global batch")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the loss (default: on CUDA)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--activation-checkpointing", action="store_true")
+
+
 def make_trainer(a, device: torch.device, out: Path) -> Trainer:
     """A Trainer for preset a.preset on random a.img x a.img x a.channels images (4 batches' worth)."""
     compile_ = "auto" if a.compile is None else str(a.compile).lower()
@@ -197,17 +209,10 @@ def run(a, device: torch.device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("suite", "throughput", "run"))
-    p.add_argument("--preset", default="dae-b")
+    add_trainer_args(p)
     p.add_argument("--steps", type=int, default=200, help="run: training steps")
-    p.add_argument("--batch", type=int, default=256, help="the global batch")
-    p.add_argument("--img", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
     p.add_argument("--iters", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="steps after the first two, before timing")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the loss (default: on CUDA)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--yardstick", action=argparse.BooleanOptionalAction, default=True,
                    help="run .yardstick/plain_dit.py train beside each setting (CUDA only)")
     p.add_argument("--device", default=None)

@@ -18,22 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_train import make_trainer  # noqa: E402
+from benchmarks.bench_train import add_trainer_args, make_trainer  # noqa: E402
 from diffae import profiling  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="dae-b")
-    p.add_argument("--img", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--batch", type=int, default=256)
+    add_trainer_args(p)
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--warmup", type=int, default=3, help="steps before the window")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the loss (default: on CUDA)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--rows", type=int, default=25, help="rows of the table")
     p.add_argument("--trace", default=None, help="Chrome trace path (default: <out>/trace.json)")
     p.add_argument("--device", default=None)
