@@ -3,16 +3,23 @@
     python benchmarks/bench_adaln.py [--out benchmarks/results] [--shapes 256x256x768 64x1024x1152]
                                      [--sweep]
 
-For each shape (bf16 activations, per-sample bf16 modulation) and each op it times, with
-triton.testing.do_bench (CUDA events, median, L2 flushed between reps; compile excluded):
-forward, backward (autograd.grad on a retained graph) and forward+backward of the Triton op, the
-eager reference and torch.compile of the reference (one compile per shape, dynamic=False), and
-the fused residual + next-LayerNorm op against the two separately compiled reference ops.
+For each shape (bf16 activations, per-sample bf16 modulation) and each op it times forward,
+backward (autograd.grad on a retained graph) and forward+backward of the Triton op, the eager
+reference and torch.compile of the reference (one compile per shape, dynamic=False), and the
+fused residual + next-LayerNorm op against the two separately compiled reference ops.  Two
+timings of each, compile excluded:
+  *_ms         device time: the pass captured in a CUDA graph, replays timed with CUDA events
+               (triton.testing.do_bench_cudagraph, median); what the kernels cost inside a
+               compiled or graph-captured training step, where the host runs ahead
+  *_stream_ms  triton.testing.do_bench (CUDA events, median, L2 flushed between reps): the same
+               pass launched from Python each time, host launch overhead included
+The copy ceiling is timed both ways too; fractions of copy use the device time.
 
 GB/s counts minimal bytes: each input of a pass read once, each output written once (a
 forward+backward counts both passes).  The ceiling is the device-to-device copy rate measured in
 the same run (the larger of a copy of x's size and a 1 GiB copy).  --sweep first times launch
-configurations of each kernel alone (kernels.adaln.TUNE), to choose the defaults.  On a GPU
+configurations of each kernel alone (kernels.adaln.TUNE, device time); --apply-best then runs the
+benchmark with the fastest configuration of each kernel group (least total time over the shapes).  On a GPU
 machine where the package is not installed, `ln -s ../kernels diffae/kernels` and PYTHONPATH=.
 make diffae.kernels importable.  JSON goes to <out>/<gpu-name-slug>-adaln.json.
 """
@@ -31,7 +38,7 @@ if "--smoke" in sys.argv:  # CPU check of this script's code paths: interpreter,
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from diffae.kernels import adaln as K  # noqa: E402
 from diffae.ops import adaln as R  # noqa: E402
@@ -42,11 +49,15 @@ SMOKE = "--smoke" in sys.argv
 DEV = "cpu" if SMOKE else "cuda"
 
 
-def bench(fn, rep=100, warmup=25) -> float:
+def bench(fn, rep=100, warmup=25, graph=False) -> float:
+    """Median ms of fn(): device time of CUDA-graph replays (graph=True) or stream launches."""
     if SMOKE:
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
+    if graph:
+        fn()  # compile and allocate outside the capture
+        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # ms
 
 
@@ -54,10 +65,10 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def copy_rate(nbytes: int) -> float:
+def copy_rate(nbytes: int, graph: bool = True) -> float:
     src = torch.empty(nbytes // 2, device=DEV, dtype=BF16).normal_()
     dst = torch.empty_like(src)
-    return gbps(2 * nbytes, bench(lambda: dst.copy_(src)))
+    return gbps(2 * nbytes, bench(lambda: dst.copy_(src), graph=graph))
 
 
 def make(B, N, C, seed=0):
@@ -89,13 +100,29 @@ def _tuple(o):
 
 
 def time_impl(fn, inputs, grads):
+    """{"graph": [fwd, bwd, fwd+bwd] ms, "stream": the same launched from Python}."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     outs = _tuple(fn(*leaves))
     gs = grads[:len(outs)]
     calls = (lambda: fn(*inputs),
              lambda: torch.autograd.grad(outs, leaves, gs, retain_graph=True),
              lambda: torch.autograd.grad(_tuple(fn(*leaves)), leaves, gs))
-    return [bench(c) for c in calls]
+    return {"graph": [bench(c, graph=True) for c in calls], "stream": [bench(c) for c in calls]}
+
+
+def rel_errors(kern, ref, inputs, grads) -> dict:
+    """max over outputs and gradients of |kernel - fp32 reference| / |reference| (Frobenius), beside
+    the same for the bf16 reference: the kernel should stay within ~2x of PyTorch's own error."""
+    def run(fn, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in inputs]
+        outs = _tuple(fn(*leaves))
+        gs = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grads, outs)])
+        return [t.float() for t in (*outs, *gs)]
+    exact = run(ref, True)
+
+    def err(vals):
+        return max(float((v - e).norm() / e.norm()) for v, e in zip(vals, exact))
+    return {"triton_rel_err": err(run(kern, False)), "bf16_reference_rel_err": err(run(ref, False))}
 
 
 def run_shape(B, N, C, ceiling):
@@ -111,14 +138,17 @@ def run_shape(B, N, C, ceiling):
         kern, ref = impls[name]
         inputs = [tensors[n] for n in names]
         compiled = torch.compile(ref, dynamic=False)
+        errors = rel_errors(kern, ref, inputs, grads)
+        print(f"{B}x{N}x{C} {name}: relative error {errors}", flush=True)
         res = {}
         for impl, fn in (("triton", kern), ("eager", ref), ("compile", compiled)):
             res[impl] = time_impl(fn, inputs, grads)
         for i, (pass_, nbytes) in enumerate((("fwd", fb), ("bwd", bb), ("fwd+bwd", fb + bb))):
-            row = {"shape": [B, N, C], "op": name, "pass": pass_, "bytes": nbytes}
+            row = {"shape": [B, N, C], "op": name, "pass": pass_, "bytes": nbytes, **errors}
             for impl, ms in res.items():
-                row[f"{impl}_ms"] = ms[i]
-                row[f"{impl}_gbps"] = gbps(nbytes, ms[i])
+                row[f"{impl}_ms"] = ms["graph"][i]
+                row[f"{impl}_gbps"] = gbps(nbytes, ms["graph"][i])
+                row[f"{impl}_stream_ms"] = ms["stream"][i]
             row["triton_frac_of_copy"] = row["triton_gbps"] / ceiling
             row["speedup_vs_compile"] = row["compile_ms"] / row["triton_ms"]
             row["speedup_vs_eager"] = row["eager_ms"] / row["triton_ms"]
@@ -144,10 +174,11 @@ def run_shape(B, N, C, ceiling):
     sep_t = time_impl(separate_triton, inputs, grads)
     fused_rows = []
     for i, pass_ in enumerate(("fwd", "bwd", "fwd+bwd")):
-        fused_rows.append({"shape": [B, N, C], "pass": pass_, "fused_triton_ms": fused[i],
-                           "separate_compiled_ms": sep_c[i], "separate_triton_ms": sep_t[i],
-                           "speedup_vs_separate_compiled": sep_c[i] / fused[i],
-                           "speedup_vs_separate_triton": sep_t[i] / fused[i]})
+        f, c, t = fused["graph"][i], sep_c["graph"][i], sep_t["graph"][i]
+        fused_rows.append({"shape": [B, N, C], "pass": pass_, "fused_triton_ms": f,
+                           "separate_compiled_ms": c, "separate_triton_ms": t,
+                           "speedup_vs_separate_compiled": c / f, "speedup_vs_separate_triton": t / f,
+                           "stream_speedup_vs_separate_compiled": sep_c["stream"][i] / fused["stream"][i]})
         _print_fused(fused_rows[-1])
     return rows, fused_rows
 
@@ -173,12 +204,13 @@ def sweep(B, N, C):
     }
     grids = {
         "ln_fwd": [{"ln_fwd_tile": t, "ln_fwd_warps": w} for t in (2048, 4096, 8192) for w in (4, 8)],
-        "ln_bwd": [{"ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p}
-                   for e in (4, 8, 16) for p in (4, 8, 16)],
-        "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p}
-               for bc, t, bt, w in ((128, 2048, 1024, 4), (256, 4096, 1024, 4), (256, 8192, 2048, 8),
-                                    (512, 8192, 2048, 8))
-               for p in (8, 16)],
+        "ln_bwd": [{"ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p, "ln_bwd_warps": w,
+                    "ln_bwd_prefetch": f}
+                   for e in (8,) for p in (4, 8, 16, 32) for w in (0, 8) for f in (0, 1)],
+        "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
+                "ew_bwd_prefetch": f}
+               for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
+               for p in (8, 16, 32, 64) for f in (0, 1)],
     }
     default = dict(K.TUNE)
     out = []
@@ -186,13 +218,30 @@ def sweep(B, N, C):
         for cfg in cfgs:
             K.TUNE.update(cfg)
             for label, fn, nbytes in kernels[group]:
-                if label == "gres_fwd" and cfg["ew_bwd_programs_per_sm"] != 8:
-                    continue  # the forward has no split
-                ms = bench(fn, rep=30, warmup=10)
-                out.append({"shape": [B, N, C], "kernel": label, "config": cfg, "ms": ms, "gbps": gbps(nbytes, ms)})
+                if label == "gres_fwd" and (cfg["ew_bwd_programs_per_sm"], cfg["ew_bwd_prefetch"]) != (8, 0):
+                    continue  # the forward has neither
+                ms = bench(fn, rep=30, warmup=10, graph=True)
+                out.append({"shape": [B, N, C], "group": group, "kernel": label, "config": cfg, "ms": ms,
+                            "gbps": gbps(nbytes, ms)})
             K.TUNE.clear()
             K.TUNE.update(default)
     return out
+
+
+def best_configs(rows) -> dict:
+    """Per kernel group, the configuration with the least total time over every shape and kernel
+    of the group that it was timed on (configurations missing a timing are left out)."""
+    best = {}
+    for group in sorted({r["group"] for r in rows}):
+        mine = [r for r in rows if r["group"] == group]
+        keys = {(r["shape"][0], r["shape"][1], r["shape"][2], r["kernel"]) for r in mine}
+        totals = {}
+        for r in mine:
+            totals.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r["ms"])
+        full = {c: sum(v) for c, v in totals.items() if len(v) == len(keys)}
+        if full:
+            best.update(json.loads(min(full, key=full.get)))
+    return best
 
 
 def main(argv=None) -> int:
@@ -201,6 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
     ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
+    ap.add_argument("--apply-best", action="store_true", help="with --sweep: benchmark the best configuration")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -212,14 +262,17 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     name = "cpu-smoke" if SMOKE else torch.cuda.get_device_name()
     big = copy_rate(1 << 20 if SMOKE else 1 << 30)
+    big_stream = copy_rate(1 << 20 if SMOKE else 1 << 30, graph=False)
     result = {
         "gpu": name, "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "dtype": "bfloat16", "modulation": "per-sample (B, C), bfloat16",
         "bytes": "minimal: each input of a pass read once, each output written once; fwd+bwd = both passes",
-        "timing": "triton.testing.do_bench, median ms, L2 flushed; backward = autograd.grad on a retained graph",
-        "copy_gbps_1GiB": big, "tune": dict(K.TUNE), "shapes": {}, "rows": [], "fused_vs_separate": [],
+        "timing": "*_ms: CUDA-graph replay (do_bench_cudagraph), median; *_stream_ms: do_bench, median, "
+                  "L2 flushed; backward = autograd.grad on a retained graph",
+        "copy_gbps_1GiB": big, "copy_gbps_1GiB_stream": big_stream, "tune": dict(K.TUNE), "shapes": {},
+        "rows": [], "fused_vs_separate": [],
     }
     if args.sweep:
         result["sweep"] = []
@@ -228,6 +281,11 @@ def main(argv=None) -> int:
         print("sweep (kernel alone, GB/s):")
         for s in result["sweep"]:
             print(f"  {s['shape']} {s['kernel']:9s} {s['gbps']:7.0f}  {s['config']}")
+        if args.apply_best:
+            result["sweep_best"] = best_configs(result["sweep"])
+            K.TUNE.update(result["sweep_best"])
+            result["tune"] = dict(K.TUNE)
+            print(f"benchmarking with the best configuration: {result['tune']}")
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{slug}-adaln.json")

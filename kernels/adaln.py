@@ -101,6 +101,12 @@ def _adaln_fwd_kernel(
 
 
 @triton.jit
+def _tile(ptr, rows, cols, sn, mask):
+    # A (ROWS, BLOCK_C) tile in its storage dtype: prefetched tiles stay half-width in registers.
+    return tl.load(ptr + rows[:, None] * sn + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _adaln_bwd_kernel(
     X, Y, GATE, SCALE, DR, DH,
     DX, DY, DGATE, DSCALE, PSHIFT, PSCALE, PGATE,
@@ -108,10 +114,14 @@ def _adaln_bwd_kernel(
     sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
     SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
     # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r).
     # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
+    # PREFETCH issues the loads of tile i + 1 before the row reductions of tile i, so each
+    # program keeps two tiles in flight: the loop is otherwise bound by one memory round trip
+    # plus two block-wide reductions per tile.
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
@@ -138,21 +148,56 @@ def _adaln_bwd_kernel(
     acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
+    if PREFETCH:
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < end)[:, None] & cmask[None, :]
+        x_n = _tile(X, rows, cols, sxn, mask)
+        dh_n = _tile(DH, rows, cols, shn, mask)
+        if SCALE_TOK:
+            sc_n = _tile(SCALE, rows, cols, scn, mask)
+        if RESIDUAL:
+            y_n = _tile(Y, rows, cols, syn, mask)
+            if HAS_DR:
+                dr_n = _tile(DR, rows, cols, srn, mask)
+            if GATE_TOK:
+                gt_n = _tile(GATE, rows, cols, sgn, mask)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < N)[:, None] & cmask[None, :]
         out_off = rows[:, None] * C + cols[None, :]
-        # Issue every load of the tile before the first reduction: one memory round trip per tile.
-        xf = tl.load(X + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(DH + rows[:, None] * shn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if SCALE_TOK:
-            sc = _load_mod(SCALE, 0, rows, cols, 0, scn, mask, cmask, True)
-        if RESIDUAL:
-            y = tl.load(Y + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_DR:
-                dr = tl.load(DR + rows[:, None] * srn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if GATE_TOK:
-                gt = _load_mod(GATE, 0, rows, cols, 0, sgn, mask, cmask, True)
+        if PREFETCH:
+            x_t = x_n
+            dh_t = dh_n
+            nrows = rows + ROWS
+            nmask = (nrows < end)[:, None] & cmask[None, :]
+            x_n = _tile(X, nrows, cols, sxn, nmask)
+            dh_n = _tile(DH, nrows, cols, shn, nmask)
+            if SCALE_TOK:
+                sc = sc_n.to(tl.float32)
+                sc_n = _tile(SCALE, nrows, cols, scn, nmask)
+            if RESIDUAL:
+                y_t = y_n
+                y_n = _tile(Y, nrows, cols, syn, nmask)
+                if HAS_DR:
+                    dr_t = dr_n
+                    dr_n = _tile(DR, nrows, cols, srn, nmask)
+                if GATE_TOK:
+                    gt = gt_n.to(tl.float32)
+                    gt_n = _tile(GATE, nrows, cols, sgn, nmask)
+        else:
+            # Issue every load of the tile before the first reduction: one memory round trip per tile.
+            x_t = _tile(X, rows, cols, sxn, mask)
+            dh_t = _tile(DH, rows, cols, shn, mask)
+            if SCALE_TOK:
+                sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+            if RESIDUAL:
+                y_t = _tile(Y, rows, cols, syn, mask)
+                if HAS_DR:
+                    dr_t = _tile(DR, rows, cols, srn, mask)
+                if GATE_TOK:
+                    gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+        xf = x_t.to(tl.float32)
+        dh = dh_t.to(tl.float32)
         mean = tl.sum(xf, axis=1) / C
         xc = tl.where(mask, xf - mean[:, None], 0.0)
         rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
@@ -170,13 +215,13 @@ def _adaln_bwd_kernel(
         if RESIDUAL:
             g = dln
             if HAS_DR:
-                g += dr
+                g += dr_t.to(tl.float32)
             tl.store(DX + out_off, _cast(g, DX.dtype.element_ty), mask=mask)
             tl.store(DY + out_off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
             if GATE_TOK:
-                tl.store(DGATE + out_off, _cast(g * y, DGATE.dtype.element_ty), mask=mask)
+                tl.store(DGATE + out_off, _cast(g * y_t.to(tl.float32), DGATE.dtype.element_ty), mask=mask)
             else:
-                acc_gate += g * y
+                acc_gate += g * y_t.to(tl.float32)
         else:
             tl.store(DX + out_off, _cast(dln, DX.dtype.element_ty), mask=mask)
     part = (b * S + pid_s) * C + cols  # (B, S, C) fp32 partial sums
@@ -213,9 +258,10 @@ def _gres_bwd_kernel(
     Y, GATE, DR, DY, DGATE, PGATE,
     N, C, rows_per_prog, S,
     syb, syn, sgb, sgn, srb, srn,
-    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # grid (S, cdiv(C, BLOCK_C), B); dx = dr needs no kernel.  dy = dr * gate, dgate = dr * y.
+    # PREFETCH: as in _adaln_bwd_kernel, the next tile's loads go out before this tile's work.
     pid_s = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Y += b * syb  # per-sample base pointers: 32-bit offsets below
@@ -230,14 +276,34 @@ def _gres_bwd_kernel(
     acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
+    if PREFETCH:
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < end)[:, None] & cmask[None, :]
+        dr_n = _tile(DR, rows, cols, srn, mask)
+        y_n = _tile(Y, rows, cols, syn, mask)
+        if GATE_TOK:
+            gt_n = _tile(GATE, rows, cols, sgn, mask)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < N)[:, None] & cmask[None, :]
         out_off = rows[:, None] * C + cols[None, :]
-        dr = tl.load(DR + rows[:, None] * srn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if GATE_TOK:
-            gt = tl.load(GATE + rows[:, None] * sgn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dr_t = dr_n
+            y_t = y_n
+            nrows = rows + ROWS
+            nmask = (nrows < end)[:, None] & cmask[None, :]
+            dr_n = _tile(DR, nrows, cols, srn, nmask)
+            y_n = _tile(Y, nrows, cols, syn, nmask)
+            if GATE_TOK:
+                gt = gt_n.to(tl.float32)
+                gt_n = _tile(GATE, nrows, cols, sgn, nmask)
+        else:
+            dr_t = _tile(DR, rows, cols, srn, mask)
+            y_t = _tile(Y, rows, cols, syn, mask)
+            if GATE_TOK:
+                gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+        dr = dr_t.to(tl.float32)
+        y = y_t.to(tl.float32)
         tl.store(DY + out_off, _cast(dr * gt, DY.dtype.element_ty), mask=mask)
         if GATE_TOK:
             tl.store(DGATE + out_off, _cast(dr * y, DGATE.dtype.element_ty), mask=mask)
@@ -290,11 +356,14 @@ TUNE: dict[str, int] = {
     "ln_fwd_warps": 4,
     "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 8,
+    "ln_bwd_warps": 0,              # 0: one warp per 256 columns, 4 to 16
+    "ln_bwd_prefetch": 1,           # load tile i + 1 while reducing tile i
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
     "ew_warps": 4,
     "ew_bwd_programs_per_sm": 16,
+    "ew_bwd_prefetch": 1,
 }
 
 
@@ -442,7 +511,7 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
     shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
     gate_tok = residual and gate.dim() == 3
     block_c = _pow2(C)
-    warps = max(4, min(16, block_c // 256))
+    warps = TUNE["ln_bwd_warps"] or max(4, min(16, block_c // 256))
     rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_c)
     S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
     dx = torch.empty((B, N, C), device=dev, dtype=x.dtype)
@@ -470,7 +539,8 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
         N, C, eps, rows_per_prog, S,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
-        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_C=block_c, PREFETCH=bool(TUNE["ln_bwd_prefetch"]),
+        num_warps=warps,
     )
     partials, dtypes = [], []
     for p, m, per_token in ((pshift, shift, shift_tok), (dscale_or_p, scale, scale_tok),
@@ -523,7 +593,8 @@ def gated_residual_backward(gate, y, dr):
         y, gate, dr, dy, dgate, pgate,
         N, C, rows_per_prog, S,
         *_strides(y), *_strides(gate), *_strides(dr),
-        GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, PREFETCH=bool(TUNE["ew_bwd_prefetch"]),
+        num_warps=warps,
     )
     return dy, (dgate if gate_tok else _sum_partials([pgate], [gate.dtype])[0])
 

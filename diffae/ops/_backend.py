@@ -2,8 +2,10 @@
 
 Every hot op has up to three implementations: the C++/CUDA extension (diffae._C), a Triton
 kernel (diffae.kernels) and the pure-PyTorch reference.  This module finds out once which of the
-first two can be imported, keeps the reason when one cannot, and lets users force a choice with
-DIFFAE_BACKEND=reference|triton|cuda (or ops.set_backend) for debugging and benchmarking.
+first two can be imported, keeps the reason when one cannot, and lets users force a choice for
+debugging and benchmarking: for every op (DIFFAE_BACKEND=reference|triton|cuda, or
+ops.set_backend(name)) or per op (DIFFAE_BACKEND=attention=reference,adaln_modulate=triton, or
+ops.set_backend(name, op="attention")); a per-op choice wins over the global one.
 """
 from __future__ import annotations
 
@@ -16,9 +18,33 @@ import torch
 log = logging.getLogger("diffae.ops")
 
 _availability: dict[str, tuple[bool, str]] = {}
-_forced: str | None = os.environ.get("DIFFAE_BACKEND") or None
 _VALID = ("reference", "triton", "cuda")
+OPS = ("attention", "adaln_modulate", "gated_residual", "gated_residual_adaln", "sampler_step")
 _logged: set[tuple[str, str]] = set()
+
+
+def _check_name(name: str, where: str) -> None:
+    if name not in _VALID:
+        raise ValueError(f"unknown backend {name!r}{where}; choose one of {', '.join(_VALID)}")
+
+
+def _parse_forced(spec: str) -> tuple[str | None, dict[str, str]]:
+    """DIFFAE_BACKEND: 'triton' (every op) or 'attention=reference,sampler_step=cuda' (per op)."""
+    default, per_op = None, {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep:
+            _check_name(op, " in DIFFAE_BACKEND")
+            default = op
+            continue
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r} in DIFFAE_BACKEND; ops: {', '.join(OPS)}")
+        _check_name(name, f" for {op} in DIFFAE_BACKEND")
+        per_op[op] = name
+    return default, per_op
+
+
+_forced, _forced_ops = _parse_forced(os.environ.get("DIFFAE_BACKEND", ""))
 
 
 def _probe(name: str, module: str) -> tuple[bool, str]:
@@ -44,16 +70,24 @@ def extension_status() -> tuple[bool, str]:
     return _probe("extension", "diffae._C")
 
 
-def set_backend(name: str | None) -> None:
-    """Force one backend for every op (None restores automatic choice)."""
+def set_backend(name: str | None, op: str | None = None) -> None:
+    """Force one backend for every op, or for `op` alone (None restores automatic choice)."""
     global _forced
-    if name is not None and name not in _VALID:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_VALID)}")
-    _forced = name
+    if name is not None:
+        _check_name(name, "")
+    if op is None:
+        _forced = name
+        return
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if name is None:
+        _forced_ops.pop(op, None)
+    else:
+        _forced_ops[op] = name
 
 
-def forced_backend() -> str | None:
-    return _forced
+def forced_backend(op: str | None = None) -> str | None:
+    return _forced if op is None else _forced_ops.get(op, _forced)
 
 
 # The three probes below are evaluated eagerly even while torch.compile traces (assume_constant_result):
@@ -79,11 +113,12 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 when the reference
     is not forced.  Automatic mode only picks it on CUDA: the interpreter is for tests.
     """
-    if _forced == "reference":
+    forced = forced_backend(op)
+    if forced == "reference":
         return False
     ok = _triton_ok()
     on_cuda = all(t.is_cuda for t in tensors)
-    wanted = _forced == "triton" or (_forced is None and on_cuda)
+    wanted = forced == "triton" or (forced is None and on_cuda)
     if wanted and (on_cuda or _interpreting()) and ok:
         return True
     if wanted and not ok:
@@ -93,7 +128,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
 
 def use_extension(op: str, *tensors: torch.Tensor) -> bool:
     """Whether `op` should run on the C++/CUDA extension (it has CPU and CUDA kernels)."""
-    if _forced in ("reference", "triton"):
+    if forced_backend(op) in ("reference", "triton"):
         return False
     ok = _extension_ok()
     if not ok:
@@ -112,7 +147,7 @@ def report() -> dict[str, str]:
     ok_t, why_t = triton_status()
     ok_c, why_c = extension_status()
     return {
-        "forced": _forced or "auto",
+        "forced": ", ".join([_forced or "auto"] + [f"{op}={b}" for op, b in sorted(_forced_ops.items())]),
         "triton": "available" if ok_t else f"missing ({why_t})",
         "extension (diffae._C)": "available" if ok_c else f"missing ({why_c})",
         "reference": "available",

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call per stage, each ending well inside 10 minutes; logs and JSON under $OUT.
+#   bash benchmarks/gpu_session3.sh train  # dae-b 32x32 b256 compiled train step beside the compiled
+#                                          # yardstick (img/s, MFU, compile s, peak memory); attention's
+#                                          # share of the dae-b step, Triton vs SDPA
+#   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
+# Expects .yardstick carried into the checkout.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$SECONDS
+left() { echo $(( ${1} - (SECONDS - T0) )); }  # seconds left of a budget of $1 from the start
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
+DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
+  || tail -20 "$OUT/install.log"
+B="--preset dae-b --img 32 --channels 3 --batch 256"
+case "${1:-train}" in
+  train)
+    timeout 420 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
+    timeout "$(left 570)" python3 benchmarks/attention_share.py $B --no-compile --results "$OUT" 2>&1 \
+      | grep -v "^W\|profiler" | tee "$OUT/attention-share.log" ;;
+  adaln)
+    timeout "$(left 570)" python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
+    grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
+esac
+echo "session stage done in $((SECONDS - T0)) s"
