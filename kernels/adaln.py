@@ -355,15 +355,15 @@ TUNE: dict[str, int] = {
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * BLOCK_C)
     "ln_fwd_warps": 4,
     "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
-    "ln_bwd_programs_per_sm": 8,
+    "ln_bwd_programs_per_sm": 16,
     "ln_bwd_warps": 0,              # 0: one warp per 256 columns, 4 to 16
     "ln_bwd_prefetch": 1,           # load tile i + 1 while reducing tile i
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
     "ew_warps": 4,
-    "ew_bwd_programs_per_sm": 16,
-    "ew_bwd_prefetch": 1,
+    "ew_bwd_programs_per_sm": 8,
+    "ew_bwd_prefetch": 0,           # measured neutral: the loop body has no reduction to hide
 }
 
 
