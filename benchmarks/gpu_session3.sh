@@ -4,6 +4,9 @@
 #                                          # yardstick (img/s, MFU, compile s, peak memory); attention's
 #                                          # share of the dae-b step, Triton vs SDPA
 #   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
+#   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
+#                                          # top kernels under the profiler
+#   bash benchmarks/gpu_session3.sh methods  # the five method presets trained and evaluated at once
 # Expects .yardstick carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -22,5 +25,15 @@ case "${1:-train}" in
   adaln)
     timeout "$(left 570)" python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
+  final)
+    timeout 240 python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
+    grep -v "^  \[" "$OUT/adaln.log" | tail -30
+    timeout 150 python3 benchmarks/bench_train.py throughput $B --no-yardstick --results "$OUT" 2>&1 | grep "^{" \
+      | tee "$OUT/train-b.log"
+    timeout "$(left 570)" python3 benchmarks/profile_train.py $B --out /tmp/prof --rows 30 > "$OUT/profile.txt" 2>&1
+    grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
+  methods)
+    timeout 560 python3 benchmarks/method_suite.py --out /tmp/suite --minutes 3.5 --eval-minutes 3 --collect "$OUT" 2>&1 \
+      | tail -45 ;;
 esac
 echo "session stage done in $((SECONDS - T0)) s"

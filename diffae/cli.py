@@ -201,7 +201,8 @@ def cmd_eval(a) -> None:
         data=a.data, device=str(_device(a.device)), quick=a.quick, n_train=a.n_train, n_test=a.n_test, fd_n=a.fd_n,
         fd_steps=a.fd_steps and tuple(a.fd_steps), recon_n=a.recon_n,
         recon_steps=a.recon_steps and tuple(a.recon_steps), probe_t=a.probe_t and tuple(a.probe_t),
-        samplers=a.samplers and tuple(a.samplers), seed=a.seed).items() if v is not None}
+        samplers=a.samplers and tuple(a.samplers), sections=a.sections and tuple(a.sections),
+        seed=a.seed).items() if v is not None}
     evaluate(a.ckpt, a.out, EvalOptions(**opts), overwrite=a.overwrite)
     print(f"wrote {Path(a.out) / 'results.json'}, {Path(a.out) / 'results.md'} and PNGs")
 
@@ -335,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recon-steps", type=int, nargs="+", default=None, help="default: 5 10 20 50 100")
     ev.add_argument("--probe-t", type=float, nargs="+", default=None,
                     help="detail control: t at which a time-dependent encoder is probed")
+    ev.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
+                    help="only these of representation detail reconstruction figures generation (default: all)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=cmd_eval)
 

@@ -89,6 +89,9 @@ class TrainConfig:
     ckpt_every: int = 500
     augment_flip: bool = False
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses/gradients in a row (steps skipped)
+    # wall-clock budget of one fit() (one process's training; a resumed run gets it afresh): past it
+    # training stops and saves as at train.steps; 0: no limit
+    max_minutes: float = 0.0
 
 
 @dataclass
@@ -126,6 +129,8 @@ class Config:
         t.compile = parse_compile(t.compile)
         if t.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
+        if not t.max_minutes >= 0:  # also refuses NaN
+            raise ConfigError(f"train.max_minutes must be >= 0 (0: no limit), got {t.max_minutes}")
         if t.batch_size < 1 or t.batch_size % t.grad_accum:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         return self

@@ -116,6 +116,9 @@ def test_missing_dataset_and_unknown_names(tmp_path, capsys):
         main(["train", "--preset", "dae-huge"])
     assert exc.value.code == 2
     assert "invalid choice: 'dae-huge'" in capsys.readouterr().err
+    err = _error(capsys, ["eval", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e"),
+                          "--sections", "figure"])
+    assert "unknown evaluation section 'figure'" in err
 
 
 def test_errors_print_one_line_without_traceback(tmp_path):

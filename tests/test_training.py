@@ -1,5 +1,8 @@
+import json
+
 import torch
 
+from diffae.cli import main
 from diffae.data import synthetic
 from diffae.engine import checkpoint
 from diffae.engine.pipeline import Pipeline
@@ -11,7 +14,7 @@ def test_tiny_model_overfits_a_few_images(micro_cfg, tmp_path):
     data = synthetic(n=8, seed=0)
     trainer = Trainer(cfg, data, tmp_path, quiet=True)
     trainer.fit(steps=150)
-    losses = [__import__("json").loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
     assert losses[-1] < 0.35 * losses[0], losses
 
 
@@ -59,3 +62,19 @@ def test_nvtx_ranges_can_be_switched_on(micro_cfg, tmp_path):
     finally:
         profiling.enable(False)
     assert profiling.enabled() is False
+
+
+def test_time_budget_stops_like_the_last_step_then_the_prior_and_resume_follow(tmp_path, capsys):
+    # 400 steps of dae-tiny take seconds on any CPU, far past a 0.3 s budget
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "dae-tiny", "--data", "synthetic", "--out", str(out), "--batch-size", "8",
+            "--prior-steps", "5"]
+    assert main(argv + ["--steps", "400", "--set", "train.max_minutes=0.005"]) == 0
+    payload = checkpoint.load(out / "last.pt")
+    stopped = payload["step"]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < stopped < 400 and last["step"] == stopped and last["time_budget_reached"]
+    assert "latent_prior" in payload  # the stage after training still ran
+    assert f"stopped on the time budget (train.max_minutes=0.005) at step {stopped} of 400" in capsys.readouterr().err
+    assert main(argv + ["--steps", str(stopped + 3), "--resume"]) == 0
+    assert checkpoint.load(out / "last.pt")["step"] == stopped + 3

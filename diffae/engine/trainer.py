@@ -3,6 +3,10 @@ checkpoints with exact resume, JSONL metrics (and TensorBoard when installed), a
 
 The loss is read back to the host only every `log_every` steps, so steps queue without syncs.
 
+train.max_minutes bounds the wall-clock time of one fit() call: past it the loop stops as if it
+had reached train.steps (last log record, checkpoint) and says so; the budget is this call's own,
+so a resumed run gets it again.
+
 Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA), gradient
 accumulation (train.grad_accum), activation checkpointing (model.activation_checkpointing) and
 data parallelism under torchrun (DistributedDataParallel; see engine/distributed.py).  Every
@@ -29,6 +33,7 @@ import copy
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -360,8 +365,9 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self, steps: int | None = None) -> Path:
-        """Train up to `steps` (default train.steps); returns the checkpoint path.  Holds the run
-        directory's lock throughout; SIGINT/SIGTERM save a checkpoint and raise TrainingInterrupted."""
+        """Train up to `steps` (default train.steps), or until train.max_minutes have passed; returns
+        the checkpoint path.  Holds the run directory's lock throughout; SIGINT/SIGTERM save a
+        checkpoint and raise TrainingInterrupted."""
         total = steps if steps is not None else self.cfg.train.steps
         main = self.world.main  # only rank 0 touches the run directory
         with RunLock(self.out_dir) if main else nullcontext(), _SignalGuard() as signals:
@@ -392,6 +398,9 @@ class Trainer:
         acc, acc_n, t_last, step_last = None, None, time.perf_counter(), self.step
         skipped_before = self.nonfinite_total
         first = self.step
+        # the clock starts here: start-up and the MFU peak measurement are not training time
+        deadline = time.perf_counter() + 60.0 * t.max_minutes if t.max_minutes > 0 else None
+        out_of_time = False
         window = None
         if self.profile and world.main:
             window = TraceWindow(*self.profile, self.out_dir / "trace.json", self.device)
@@ -405,7 +414,12 @@ class Trainer:
                 # skipped steps stay out of the logged average (a NaN would poison it)
                 acc = torch.where(good, losses, 0.0) + (0.0 if acc is None else acc)
                 acc_n = good.float() + (0.0 if acc_n is None else acc_n)
-                last = self.step == total
+                if deadline is not None:
+                    out_of_time = time.perf_counter() >= deadline
+                    if world.distributed:  # every rank must stop at the same step: agree at log steps (a sync)
+                        out_of_time = (self.step % t.log_every == 0
+                                       and bool(distributed.max_(int(out_of_time), world, self.device)))
+                last = self.step == total or out_of_time
                 logged = self.step % t.log_every == 0 or last
                 if logged:
                     _, skipped = self._check_nonfinite()
@@ -422,6 +436,8 @@ class Trainer:
                         rec["mfu"] = round(mfu, 4)
                     if skipped > skipped_before:
                         rec["skipped_nonfinite"] = skipped - skipped_before
+                    if out_of_time:
+                        rec["time_budget_reached"] = True
                     skipped_before = skipped
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
@@ -441,6 +457,8 @@ class Trainer:
                     signum = distributed.max_(signum, world, self.device) if logged else 0
                 if signum:
                     self._interrupted(signum)
+                if out_of_time:
+                    break
         finally:
             if window is not None:
                 window.close()
@@ -448,6 +466,9 @@ class Trainer:
                 board.close()
             if not self.quiet:
                 progress.close()
+        if out_of_time and not self.quiet:
+            print(f"stopped on the time budget (train.max_minutes={t.max_minutes:g}) at step {self.step} of {total}; "
+                  f"checkpoint saved to {self.ckpt_path}", file=sys.stderr)
 
     def _interrupted(self, signum: int) -> None:
         if self.saved_step != self.step:

@@ -129,7 +129,8 @@ def markdown(r: dict) -> str:
 
 
 # --- across runs --------------------------------------------------------------------------------
-def _fd_at(gen: dict | None, steps: int) -> float | None:
+def fd_at(gen: dict | None, steps: int) -> float | None:
+    """FD-FMNIST at `steps` sampling steps, the best over the samplers evaluated; None when not measured."""
     if not gen or gen.get("skipped"):
         return None
     vals = [row["fd"] for row in gen["rows"] if row["steps"] == steps]
@@ -144,7 +145,7 @@ def summary_markdown(results: list[dict]) -> str:
         gen = r.get("generation")
         rec = {row["steps"]: row for row in r.get("reconstruction", [])}
         psnr = _num(rec[20]["inverted_psnr"], ".2f") + " dB" if 20 in rec else "-"
-        fd10, fd100 = _fd_at(gen, 10), _fd_at(gen, 100)
+        fd10, fd100 = fd_at(gen, 10), fd_at(gen, 100)
         ratio = "-" if fd10 is None or not fd100 else f"{fd10 / fd100:.2f}"
         for i, rep in enumerate(r.get("representation", []) or [{"name": "-"}]):
             fs = rep.get("few_shot") or {}

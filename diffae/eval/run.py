@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..diffusion.samplers import SAMPLERS
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, ConfigError, OutputError
 from . import fd as fdlib
 from . import plots, probe, reconstruction, report
 
 STEPS = (5, 10, 20, 50, 100)
+SECTIONS = ("representation", "detail", "reconstruction", "figures", "generation")
 
 
 @dataclass
@@ -47,9 +48,12 @@ class EvalOptions:
     grid_n: int = 64
     interp_steps: int | None = None     # (default 20; quick 5)
     seed: int = 0
-    sections: tuple = ("representation", "detail", "reconstruction", "figures", "generation")
+    sections: tuple = SECTIONS
 
     def resolved(self) -> "EvalOptions":
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"unknown evaluation section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
         q = self.quick
 
         def pick(value, full, small):
