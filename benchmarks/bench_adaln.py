@@ -234,14 +234,13 @@ def sweep(B, N, C):
                ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
-        "ln_fwd": [{"ln_fwd_tile": t, "ln_fwd_warps": w, "ln_fwd_split": sp}
-                   for t in (2048, 4096, 8192) for w in (4, 8) for sp in (0, 1)],
+        "ln_fwd": [{"ln_fwd_tile": t, "ln_fwd_warps": w} for t in (2048, 4096, 8192) for w in (4, 8)],
         "ln_bwd": [{"ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p, "ln_bwd_warps": w,
-                    "ln_bwd_split": sp}
-                   for e in (8, 16) for p in (4, 8, 16) for w in (0, 8) for sp in (0, 1)],
+                    "ln_bwd_prefetch": f}
+                   for e in (8,) for p in (4, 8, 16, 32) for w in (0, 8) for f in (0, 1)],
         "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p}
-               for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8))
-               for p in (4, 8, 16)],
+               for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
+               for p in (8, 16, 32, 64)],
     }
     default = dict(K.TUNE)
     out = []

@@ -67,140 +67,43 @@ def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_input(X, Y, GATE, R, b, rows, cols, rmask, out_row, C,
-               sxb, sxn, syb, syn, sgb, sgn, RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
-    # One column chunk of the LayerNorm input as fp32; with RESIDUAL, r = x + gate * y, stored.
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    if RESIDUAL:
-        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
-        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
-        # Round r to its storage dtype before normalising it, as the unfused ops would.
-        r = _cast(xf + g * y.to(tl.float32), R.dtype.element_ty)
-        tl.store(R + out_row[:, None] + cols[None, :], r, mask=mask)
-        xf = r.to(tl.float32)
-    return xf, mask
-
-
-@triton.jit
-def _fwd_output(H, SHIFT, SCALE, xc, rstd, b, rows, cols, mask, out_row, C,
-                ssb, ssn, scb, scn, SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr):
-    cmask = cols < C
-    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
-    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
-    h = xc * rstd[:, None] * (1.0 + sc) + sh
-    tl.store(H + out_row[:, None] + cols[None, :], _cast(h, H.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _adaln_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE, R, H,
     N, C, eps,
     sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
     RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
-    SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.  A row's
-    # columns are two power-of-two chunks, [0, BLOCK_A) and, when BLOCK_B > 0, [BLOCK_A,
-    # BLOCK_A + BLOCK_B): 768 = 512 + 256 and 1152 = 1024 + 128 then waste no lanes on padding.
+    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < N
-    out_row = b * N * C + rows * C  # outputs are contiguous (B, N, C)
-    cols_a = tl.arange(0, BLOCK_A)
-    xa, ma = _fwd_input(X, Y, GATE, R, b, rows, cols_a, rmask, out_row, C,
-                        sxb, sxn, syb, syn, sgb, sgn, RESIDUAL, GATE_TOK)
-    s1 = tl.sum(xa, axis=1)
-    if BLOCK_B > 0:
-        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        xb, mb = _fwd_input(X, Y, GATE, R, b, rows, cols_b, rmask, out_row, C,
-                            sxb, sxn, syb, syn, sgb, sgn, RESIDUAL, GATE_TOK)
-        s1 += tl.sum(xb, axis=1)
-    mean = s1 / C
-    xca = tl.where(ma, xa - mean[:, None], 0.0)
-    s2 = tl.sum(xca * xca, axis=1)
-    if BLOCK_B > 0:
-        xcb = tl.where(mb, xb - mean[:, None], 0.0)
-        s2 += tl.sum(xcb * xcb, axis=1)
-    rstd = tl.rsqrt((s2 / C + eps).to(tl.float32))  # eps: fp64 under inductor
-    _fwd_output(H, SHIFT, SCALE, xca, rstd, b, rows, cols_a, ma, out_row, C,
-                ssb, ssn, scb, scn, SHIFT_TOK, SCALE_TOK)
-    if BLOCK_B > 0:
-        _fwd_output(H, SHIFT, SCALE, xcb, rstd, b, rows, cols_b, mb, out_row, C,
-                    ssb, ssn, scb, scn, SHIFT_TOK, SCALE_TOK)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < N)[:, None] & cmask[None, :]
+    out_off = b * N * C + rows[:, None] * C + cols[None, :]  # outputs are contiguous (B, N, C)
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    if RESIDUAL:
+        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
+        # Round r to its storage dtype before normalising it, as the unfused ops would.
+        r = _cast(x.to(tl.float32) + g * y.to(tl.float32), R.dtype.element_ty)
+        tl.store(R + out_off, r, mask=mask)
+        xf = r.to(tl.float32)
+    else:
+        xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / C
+    xc = tl.where(mask, xf - mean[:, None], 0.0)
+    rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
+    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
+    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
+    h = xc * rstd[:, None] * (1.0 + sc) + sh
+    tl.store(H + out_off, _cast(h, H.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _tile(ptr, rows, cols, sn, mask):
-    # A (ROWS, BLOCK) tile in its storage dtype: prefetched tiles stay half-width in registers.
+    # A (ROWS, BLOCK_C) tile in its storage dtype: prefetched tiles stay half-width in registers.
     return tl.load(ptr + rows[:, None] * sn + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _bwd_tiles(X, DH, SCALE, Y, DR, GATE, rows, cols, end, C, sxn, shn, scn, syn, srn, sgn,
-               RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
-               SCALE_TOK: tl.constexpr):
-    # The tiles one backward step reads from a column chunk, rows < end; a (1, 1) zero stands
-    # for a tile the variant does not read (loop-carried values need a fixed type).
-    mask = (rows < end)[:, None] & (cols < C)[None, :]
-    none = tl.zeros([1, 1], dtype=tl.float32)
-    x = _tile(X, rows, cols, sxn, mask)
-    dh = _tile(DH, rows, cols, shn, mask)
-    sc = none
-    y = none
-    dr = none
-    gt = none
-    if SCALE_TOK:
-        sc = _tile(SCALE, rows, cols, scn, mask)
-    if RESIDUAL:
-        y = _tile(Y, rows, cols, syn, mask)
-        if HAS_DR:
-            dr = _tile(DR, rows, cols, srn, mask)
-        if GATE_TOK:
-            gt = _tile(GATE, rows, cols, sgn, mask)
-    return x, dh, sc, y, dr, gt
-
-
-@triton.jit
-def _bwd_outputs(DX, DY, DGATE, DSCALE, out_off, mask, xhat, dh, wdh, c1, c2, rstd, y, dr, gt,
-                 acc_shift, acc_scale, acc_gate,
-                 RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
-                 SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr):
-    # One column chunk's gradients, given the row sums c1 = mean(xhat * wdh), c2 = mean(wdh).
-    dln = (wdh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    if SCALE_TOK:
-        tl.store(DSCALE + out_off, _cast(dh * xhat, DSCALE.dtype.element_ty), mask=mask)
-    else:
-        acc_scale += dh * xhat
-    if not SHIFT_TOK:
-        acc_shift += dh
-    if RESIDUAL:
-        g = dln
-        if HAS_DR:
-            g += dr.to(tl.float32)
-        tl.store(DX + out_off, _cast(g, DX.dtype.element_ty), mask=mask)
-        tl.store(DY + out_off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
-        if GATE_TOK:
-            tl.store(DGATE + out_off, _cast(g * y.to(tl.float32), DGATE.dtype.element_ty), mask=mask)
-        else:
-            acc_gate += g * y.to(tl.float32)
-    else:
-        tl.store(DX + out_off, _cast(dln, DX.dtype.element_ty), mask=mask)
-    return acc_shift, acc_scale, acc_gate
-
-
-@triton.jit
-def _store_partials(PSHIFT, PSCALE, PGATE, part, cmask, acc_shift, acc_scale, acc_gate,
-                    RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
-                    SCALE_TOK: tl.constexpr):
-    if not SHIFT_TOK:
-        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
-    if not SCALE_TOK:
-        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
-    if RESIDUAL and not GATE_TOK:
-        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -210,15 +113,15 @@ def _adaln_bwd_kernel(
     N, C, eps, rows_per_prog, S,
     sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
-    SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
-    # sample b in tiles of ROWS, columns in the two chunks of _adaln_fwd_kernel.  X is the
-    # LayerNorm input (x, or the saved residual r).  Without RESIDUAL: dx = dLN.  With it:
-    # g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.  The loads of tile i + 1 are issued
-    # before the row reductions of tile i, so two tiles are in flight per program (measured on
-    # an H200: 1.4-1.5x the bandwidth of loading each tile when it is needed).
+    # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r).
+    # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
+    # PREFETCH issues the loads of tile i + 1 before the row reductions of tile i, so each
+    # program keeps two tiles in flight: the loop is otherwise bound by one memory round trip
+    # plus two block-wide reductions per tile.
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
@@ -233,102 +136,101 @@ def _adaln_bwd_kernel(
         DR += b * srb
         DY += b * N * C
         DGATE += b * N * C
-    cols_a = tl.arange(0, BLOCK_A)
-    cma = cols_a < C
-    if not SCALE_TOK:  # per-sample modulation: one row per chunk, loaded once
-        sca = tl.load(SCALE + cols_a, mask=cma, other=0.0).to(tl.float32)[None, :]
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    zero = tl.zeros([1, BLOCK_C], dtype=tl.int32)
+    if not SCALE_TOK:  # per-sample modulation: one row, loaded once
+        sc = _load_mod(SCALE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
     if RESIDUAL and not GATE_TOK:
-        gta = tl.load(GATE + cols_a, mask=cma, other=0.0).to(tl.float32)[None, :]
-    if not RESIDUAL:  # unused by _bwd_outputs, but every argument needs a value
-        gta = tl.zeros([1, 1], dtype=tl.float32)
-        gtb = gta
-    acc_shift_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
-    acc_scale_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
-    acc_gate_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
-    if BLOCK_B > 0:
-        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        cmb = cols_b < C
-        if not SCALE_TOK:
-            scb_ = tl.load(SCALE + cols_b, mask=cmb, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL and not GATE_TOK:
-            gtb = tl.load(GATE + cols_b, mask=cmb, other=0.0).to(tl.float32)[None, :]
-        acc_shift_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
-        acc_scale_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
-        acc_gate_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
+        gt = _load_mod(GATE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
+    acc_shift = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
-    rows = start + tl.arange(0, ROWS)
-    xa_n, dha_n, sca_n, ya_n, dra_n, gta_n = _bwd_tiles(
-        X, DH, SCALE, Y, DR, GATE, rows, cols_a, end, C, sxn, shn, scn, syn, srn, sgn,
-        RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
-    if BLOCK_B > 0:
-        xb_n, dhb_n, scb_n, yb_n, drb_n, gtb_n = _bwd_tiles(
-            X, DH, SCALE, Y, DR, GATE, rows, cols_b, end, C, sxn, shn, scn, syn, srn, sgn,
-            RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+    if PREFETCH:
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < end)[:, None] & cmask[None, :]
+        x_n = _tile(X, rows, cols, sxn, mask)
+        dh_n = _tile(DH, rows, cols, shn, mask)
+        if SCALE_TOK:
+            sc_n = _tile(SCALE, rows, cols, scn, mask)
+        if RESIDUAL:
+            y_n = _tile(Y, rows, cols, syn, mask)
+            if HAS_DR:
+                dr_n = _tile(DR, rows, cols, srn, mask)
+            if GATE_TOK:
+                gt_n = _tile(GATE, rows, cols, sgn, mask)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
-        rmask = (rows < N)[:, None]
-        nrows = rows + ROWS
-        # chunk A: this tile from the prefetch registers, then the next tile's loads
-        xa, dha, sca_t, ya, dra, gta_t = xa_n, dha_n, sca_n, ya_n, dra_n, gta_n
-        xa_n, dha_n, sca_n, ya_n, dra_n, gta_n = _bwd_tiles(
-            X, DH, SCALE, Y, DR, GATE, nrows, cols_a, end, C, sxn, shn, scn, syn, srn, sgn,
-            RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
-        if SCALE_TOK:
-            sca = sca_t.to(tl.float32)
-        if RESIDUAL and GATE_TOK:
-            gta = gta_t.to(tl.float32)
-        ma = rmask & cma[None, :]
-        xfa = xa.to(tl.float32)
-        s1 = tl.sum(xfa, axis=1)
-        if BLOCK_B > 0:
-            xb, dhb, scb_t, yb, drb, gtb_t = xb_n, dhb_n, scb_n, yb_n, drb_n, gtb_n
-            xb_n, dhb_n, scb_n, yb_n, drb_n, gtb_n = _bwd_tiles(
-                X, DH, SCALE, Y, DR, GATE, nrows, cols_b, end, C, sxn, shn, scn, syn, srn, sgn,
-                RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        out_off = rows[:, None] * C + cols[None, :]
+        if PREFETCH:
+            x_t = x_n
+            dh_t = dh_n
+            nrows = rows + ROWS
+            nmask = (nrows < end)[:, None] & cmask[None, :]
+            x_n = _tile(X, nrows, cols, sxn, nmask)
+            dh_n = _tile(DH, nrows, cols, shn, nmask)
             if SCALE_TOK:
-                scb_ = scb_t.to(tl.float32)
-            if RESIDUAL and GATE_TOK:
-                gtb = gtb_t.to(tl.float32)
-            mb = rmask & cmb[None, :]
-            xfb = xb.to(tl.float32)
-            s1 += tl.sum(xfb, axis=1)
-        mean = s1 / C
-        xca = tl.where(ma, xfa - mean[:, None], 0.0)
-        s2 = tl.sum(xca * xca, axis=1)
-        if BLOCK_B > 0:
-            xcb = tl.where(mb, xfb - mean[:, None], 0.0)
-            s2 += tl.sum(xcb * xcb, axis=1)
-        rstd = tl.rsqrt((s2 / C + eps).to(tl.float32))  # eps: fp64 under inductor
-        xhata = xca * rstd[:, None]
-        dhfa = dha.to(tl.float32)
-        wdha = dhfa * (1.0 + sca)
-        c1 = tl.sum(xhata * wdha, axis=1)
-        c2 = tl.sum(wdha, axis=1)
-        if BLOCK_B > 0:
-            xhatb = xcb * rstd[:, None]
-            dhfb = dhb.to(tl.float32)
-            wdhb = dhfb * (1.0 + scb_)
-            c1 += tl.sum(xhatb * wdhb, axis=1)
-            c2 += tl.sum(wdhb, axis=1)
-        c1 = c1 / C
-        c2 = c2 / C
-        row_off = rows[:, None] * C
-        acc_shift_a, acc_scale_a, acc_gate_a = _bwd_outputs(
-            DX, DY, DGATE, DSCALE, row_off + cols_a[None, :], ma, xhata, dhfa, wdha, c1, c2, rstd,
-            ya, dra, gta, acc_shift_a, acc_scale_a, acc_gate_a,
-            RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
-        if BLOCK_B > 0:
-            acc_shift_b, acc_scale_b, acc_gate_b = _bwd_outputs(
-                DX, DY, DGATE, DSCALE, row_off + cols_b[None, :], mb, xhatb, dhfb, wdhb, c1, c2, rstd,
-                yb, drb, gtb, acc_shift_b, acc_scale_b, acc_gate_b,
-                RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
-    part = (b * S + pid_s) * C  # (B, S, C) fp32 partial sums
-    _store_partials(PSHIFT, PSCALE, PGATE, part + cols_a, cma, acc_shift_a, acc_scale_a, acc_gate_a,
-                    RESIDUAL, GATE_TOK, SHIFT_TOK, SCALE_TOK)
-    if BLOCK_B > 0:
-        _store_partials(PSHIFT, PSCALE, PGATE, part + cols_b, cmb, acc_shift_b, acc_scale_b, acc_gate_b,
-                        RESIDUAL, GATE_TOK, SHIFT_TOK, SCALE_TOK)
+                sc = sc_n.to(tl.float32)
+                sc_n = _tile(SCALE, nrows, cols, scn, nmask)
+            if RESIDUAL:
+                y_t = y_n
+                y_n = _tile(Y, nrows, cols, syn, nmask)
+                if HAS_DR:
+                    dr_t = dr_n
+                    dr_n = _tile(DR, nrows, cols, srn, nmask)
+                if GATE_TOK:
+                    gt = gt_n.to(tl.float32)
+                    gt_n = _tile(GATE, nrows, cols, sgn, nmask)
+        else:
+            # Issue every load of the tile before the first reduction: one memory round trip per tile.
+            x_t = _tile(X, rows, cols, sxn, mask)
+            dh_t = _tile(DH, rows, cols, shn, mask)
+            if SCALE_TOK:
+                sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+            if RESIDUAL:
+                y_t = _tile(Y, rows, cols, syn, mask)
+                if HAS_DR:
+                    dr_t = _tile(DR, rows, cols, srn, mask)
+                if GATE_TOK:
+                    gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+        xf = x_t.to(tl.float32)
+        dh = dh_t.to(tl.float32)
+        mean = tl.sum(xf, axis=1) / C
+        xc = tl.where(mask, xf - mean[:, None], 0.0)
+        rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
+        xhat = xc * rstd[:, None]
+        wdh = dh * (1.0 + sc)
+        c1 = tl.sum(xhat * wdh, axis=1) / C
+        c2 = tl.sum(wdh, axis=1) / C
+        dln = (wdh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if SCALE_TOK:
+            tl.store(DSCALE + out_off, _cast(dh * xhat, DSCALE.dtype.element_ty), mask=mask)
+        else:
+            acc_scale += dh * xhat
+        if not SHIFT_TOK:
+            acc_shift += dh
+        if RESIDUAL:
+            g = dln
+            if HAS_DR:
+                g += dr_t.to(tl.float32)
+            tl.store(DX + out_off, _cast(g, DX.dtype.element_ty), mask=mask)
+            tl.store(DY + out_off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
+            if GATE_TOK:
+                tl.store(DGATE + out_off, _cast(g * y_t.to(tl.float32), DGATE.dtype.element_ty), mask=mask)
+            else:
+                acc_gate += g * y_t.to(tl.float32)
+        else:
+            tl.store(DX + out_off, _cast(dln, DX.dtype.element_ty), mask=mask)
+    part = (b * S + pid_s) * C + cols  # (B, S, C) fp32 partial sums
+    if not SHIFT_TOK:
+        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
+    if not SCALE_TOK:
+        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
+    if RESIDUAL and not GATE_TOK:
+        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -424,20 +326,24 @@ def _sum_partials_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # Launch configuration.  Forward: one tile of ROWS * BLOCK_C elements per program (measured at
-# 84-97 % of the copy rate on an H100).  Backward: the programs loop over rows and keep fp32
+# 76-103 % of the copy rate on an H200).  Backward: the programs loop over rows and keep fp32
 # accumulators, so registers decide how many fit on an SM; tiles of 8 elements per thread keep
 # them near 64-128 registers (ptxas: 118 for the fused kernel at C = 768, 4 warps) against 249 for
 # 16 per thread, which let one program onto an SM.  programs_per_sm sets how many programs share
-# the rows of one sample (more: more parallelism, bigger partial-sum buffer).  Benchmarks may
-# override entries of TUNE.
+# the rows of one sample (more: more parallelism, bigger partial-sum buffer).  The defaults are
+# the best of benchmarks/bench_adaln.py --sweep on an H200 (2026-12-02); prefetching raised the
+# LayerNorm backward kernels from 1.2-2.4 to 1.7-3.0 TB/s.  Tried and measured slower there:
+# splitting a row into two power-of-two column chunks (768 = 512 + 256: no padded lanes,
+# registers 128 -> 72) cut the backward to 1.1-1.6 TB/s, presumably from twice the block-wide
+# reductions and narrower vector loads; prefetching in the gated-residual backward changed
+# nothing.  Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * BLOCK_C)
     "ln_fwd_warps": 4,
     "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 16,
     "ln_bwd_warps": 0,              # 0: one warp per 256 columns, 4 to 16
-    "ln_fwd_split": 1,              # a row as two power-of-two column chunks (see _ln_blocks)
-    "ln_bwd_split": 1,
+    "ln_bwd_prefetch": 1,           # load tile i + 1 while reducing tile i
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
@@ -459,19 +365,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: small, but enough to split samples over several programs in tests
-
-
-def _ln_blocks(C: int, split: int) -> tuple[int, int]:
-    """(BLOCK_A, BLOCK_B): the LayerNorm kernels' two column chunks.  One power of two padded
-    past C wastes lanes, registers and issue slots (1152 in 2048: 44 %); the largest power of two
-    <= C plus a second chunk for the rest is exact for the usual widths (768 = 512 + 256,
-    1152 = 1024 + 128, 72 = 64 + 8).  BLOCK_B = 0: one chunk."""
-    whole = _pow2(C)
-    if not split or whole == C:
-        return whole, 0
-    a = whole // 2
-    rest = _pow2(C - a)
-    return (a, rest) if a + rest < whole else (whole, 0)
 
 
 def _rows_pow2(n: int, tile: int, block_c: int) -> int:
@@ -577,7 +470,6 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None):
     else:  # placeholders, never touched (RESIDUAL is a constexpr); not x, which the op must not
         gate = y = r = torch.empty((1,), device=x.device, dtype=x.dtype)  # appear to write
     block_c = _pow2(C)
-    block_a, block_b = _ln_blocks(C, TUNE["ln_fwd_split"])
     rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_c)
     warps = TUNE["ln_fwd_warps"] if rows * block_c <= TUNE["ln_fwd_tile"] else 8
     wrap_triton(_adaln_fwd_kernel)[(_cdiv(N, rows), B)](
@@ -585,7 +477,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None):
         N, C, eps,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
-        SCALE_TOK=scale.dim() == 3, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
+        SCALE_TOK=scale.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
     )
     return (r if residual else None), h
 
@@ -604,7 +496,6 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
     shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
     gate_tok = residual and gate.dim() == 3
     block_c = _pow2(C)
-    block_a, block_b = _ln_blocks(C, TUNE["ln_bwd_split"])
     warps = TUNE["ln_bwd_warps"] or max(4, min(16, block_c // 256))
     rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_c)
     S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
@@ -633,7 +524,8 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
         N, C, eps, rows_per_prog, S,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
-        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
+        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_C=block_c, PREFETCH=bool(TUNE["ln_bwd_prefetch"]),
+        num_warps=warps,
     )
     partials, dtypes = [], []
     for p, m, per_token in ((pshift, shift, shift_tok), (dscale_or_p, scale, scale_tok),
