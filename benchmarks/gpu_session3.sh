@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
 #   bash benchmarks/gpu_session3.sh methods  # the five method presets trained and evaluated at once
+#                                            # (MINUTES of training, default 3.5; EVAL_MINUTES, default 3)
 # Expects .yardstick carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -33,7 +34,7 @@ case "${1:-train}" in
     timeout "$(left 570)" python3 benchmarks/profile_train.py $B --out /tmp/prof --rows 30 > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
   methods)
-    timeout 560 python3 benchmarks/method_suite.py --out /tmp/suite --minutes 3.5 --eval-minutes 3 --collect "$OUT" 2>&1 \
-      | tail -45 ;;
+    timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
+      --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" 2>&1 | tail -45 ;;
 esac
 echo "session stage done in $((SECONDS - T0)) s"
