@@ -1,4 +1,4 @@
-"""Evaluate one checkpoint: representation, detail control, reconstruction, generation, figures.
+"""Evaluate one checkpoint: representation, reconstruction, figures, generation, detail control.
 
     from diffae.eval.run import EvalOptions, evaluate
     results = evaluate("runs/diffae/last.pt", "runs/diffae/eval", EvalOptions())
@@ -153,18 +153,6 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
                     if main_test_emb is None:
                         main_test_emb = te
                 results["representation"] = reps
-    # --- detail control ------------------------------------------------------------------------
-    if "detail" in o.sections and time_dep and tr_y is not None and te_y is not None:
-        with timed("detail_control"):
-            rows = []
-            for t in o.probe_t:
-                tr = pipe.encode(tr_x, float(t), batch_size=o.batch_size)
-                te = pipe.encode(te_x, float(t), batch_size=o.batch_size)
-                lp = probe.linear_probe(tr, tr_y, te, te_y, seed=o.seed)
-                knn = probe.knn_accuracy(tr, tr_y, te, te_y, k=20)
-                rows.append({"t": float(t), "linear_probe": lp["accuracy"], "knn": knn["accuracy"], "l2": lp["l2"]})
-                _log(f"E(x0, t={t:g}): linear probe {lp['accuracy']:.4f}, kNN {knn['accuracy']:.4f}")
-            results["detail_control"] = rows
     # --- reconstruction ------------------------------------------------------------------------
     if "reconstruction" in o.sections:
         with timed("reconstruction"):
@@ -198,6 +186,20 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
     if "generation" in o.sections:
         with timed("generation"):
             results["generation"] = _generation(pipe, o, train, test, te_x, out, files)
+    # --- detail control ------------------------------------------------------------------------
+    # Last: one probe per t, the slowest section for a time-dependent encoder; a run stopped early
+    # (results.json is rewritten after every section) then keeps the issue's target figures.
+    if "detail" in o.sections and time_dep and tr_y is not None and te_y is not None:
+        with timed("detail_control"):
+            rows = []
+            for t in o.probe_t:
+                tr = pipe.encode(tr_x, float(t), batch_size=o.batch_size)
+                te = pipe.encode(te_x, float(t), batch_size=o.batch_size)
+                lp = probe.linear_probe(tr, tr_y, te, te_y, seed=o.seed)
+                knn = probe.knn_accuracy(tr, tr_y, te, te_y, k=20)
+                rows.append({"t": float(t), "linear_probe": lp["accuracy"], "knn": knn["accuracy"], "l2": lp["l2"]})
+                _log(f"E(x0, t={t:g}): linear probe {lp['accuracy']:.4f}, kNN {knn['accuracy']:.4f}")
+            results["detail_control"] = rows
     save()
     _log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results
