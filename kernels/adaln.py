@@ -334,9 +334,9 @@ def _sum_partials_kernel(
 # the best of benchmarks/bench_adaln.py --sweep on an H200 (2026-12-02); prefetching raised the
 # LayerNorm backward kernels from 1.2-2.4 to 1.7-3.0 TB/s.  Tried and measured slower there:
 # splitting a row into two power-of-two column chunks (768 = 512 + 256: no padded lanes,
-# registers 128 -> 72) cut the backward to 1.1-1.6 TB/s, presumably from twice the block-wide
-# reductions and narrower vector loads; prefetching in the gated-residual backward changed
-# nothing.  Benchmarks may override entries of TUNE.
+# registers 128 -> 72) made the backward 0.8x as fast (median of 48 configurations; the best
+# fell from 2.7 to 1.6 TB/s), presumably from twice the block-wide reductions and narrower vector
+# loads; prefetching in the gated-residual backward changed nothing.  Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * BLOCK_C)
     "ln_fwd_warps": 4,
