@@ -1,0 +1,57 @@
+"""The GPU benchmark scripts' CPU paths, so a device call never finds them broken."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def test_best_configs_takes_the_least_total_time_per_group():
+    from benchmarks.bench_adaln import best_configs
+
+    def row(group, shape, kernel, cfg, ms):
+        return {"group": group, "shape": shape, "kernel": kernel, "config": cfg, "ms": ms}
+    a, b, c = {"k": 1}, {"k": 2}, {"k": 3}
+    rows = [row("g", [1, 2, 3], "x", a, 1.0), row("g", [4, 5, 6], "x", a, 5.0),   # total 6
+            row("g", [1, 2, 3], "x", b, 2.0), row("g", [4, 5, 6], "x", b, 3.0),   # total 5: best
+            row("g", [1, 2, 3], "x", c, 0.5),                                     # incomplete: ignored
+            row("h", [1, 2, 3], "y", {"j": 1}, 2.0), row("h", [1, 2, 3], "y", {"j": 2}, 1.0)]
+    assert best_configs(rows) == {"k": 2, "j": 2}
+
+
+def test_bench_adaln_smoke_sweeps_applies_and_checks_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_adaln.py", "--smoke", "--sweep", "--apply-best",
+                           "--shapes", "2x8x72", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "cpu-smoke-adaln.json").read_text())
+    assert result["tune"] == {**result["tune"], **result["sweep_best"]}
+    assert {r["op"] for r in result["rows"]} == {"adaln_modulate", "gated_residual", "gated_residual_adaln"}
+    for r in result["rows"]:  # the kernel's error stays within 2x of PyTorch's own bf16 error
+        assert r["triton_rel_err"] <= 2 * r["bf16_reference_rel_err"] + 1e-6, r
+
+
+@pytest.mark.slow
+def test_method_suite_trains_evaluates_and_summarises(tmp_path):
+    out, collected = tmp_path / "suite", tmp_path / "collected"
+    tiny = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch=4", "encoder.dim=32", "encoder.depth=1",
+            "encoder.heads=2", "encoder.patch=7", "encoder.z_dim=8", "train.batch_size=16", "train.log_every=5"]
+    proc = subprocess.run([sys.executable, "benchmarks/method_suite.py", "--out", str(out), "--presets", "diffae",
+                           "mldae", "--minutes", "0.05", "--eval-minutes", "3", "--quick", "--prior-steps", "5",
+                           "--collect", str(collected), "--set", *tiny], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((collected / "summary.json").read_text())
+    rows = {r["preset"]: r for r in summary["presets"]}
+    assert set(rows) == {"diffae", "mldae"}
+    for r in rows.values():
+        assert r["error"] is None and r["train"]["time_budget_reached"]
+        assert 0 < r["headline"]["linear_probe"] <= 1 and r["headline"]["fd10"] is not None
+        assert set(r["targets"]) == {"probe >= 92 %", "10-shot >= 80 %", "FD @10 within 15 % of @100",
+                                     "PSNR @20 >= 30 dB"}
+    assert rows["mldae"]["headline"]["multi_level_probe"] is not None  # time-dependent: the multi-level code
+    assert (collected / "samples.png").exists() and "| mldae | ok |" in (collected / "summary.md").read_text()
