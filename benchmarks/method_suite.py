@@ -43,6 +43,7 @@ from diffae.config import METHOD_PRESETS, get_preset  # noqa: E402
 from diffae.data import fashion_mnist  # noqa: E402
 from diffae.errors import DiffaeError  # noqa: E402
 from diffae.eval import report  # noqa: E402
+from diffae.eval.report import few_shot, num, pct  # noqa: E402
 from diffae.eval.run import SECTIONS  # noqa: E402
 from diffae.images import grid, save_png  # noqa: E402
 
@@ -238,18 +239,6 @@ def targets(h: dict) -> dict:
             "PSNR @20 >= 30 dB": None if h["psnr_inverted_20"] is None else h["psnr_inverted_20"] >= 30.0}
 
 
-def pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f} %"
-
-
-def num(v, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def few(s: dict | None) -> str:
-    return "-" if s is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
-
-
 def row_markdown(row: dict) -> str:
     h, t, tr = row["headline"], row["targets"], row["train"]
     met = [name for name, ok in t.items() if ok]
@@ -257,7 +246,7 @@ def row_markdown(row: dict) -> str:
     best_t = "-" if h["best_t"] is None else f"{pct(h['best_t']['linear_probe'])} (t = {h['best_t']['t']:g})"
     cells = [row["preset"], row["error"] or "ok", num(tr["steps"], "d"), num(tr["wall_min"], ".2f"),
              num(tr["img_per_s"], ".0f"), num(tr["final_loss"], ".4f"), pct(h["linear_probe"]), pct(h["knn20"]),
-             few(h["few_shot"]), best_t, pct(h["multi_level_probe"]),
+             few_shot(h["few_shot"]), best_t, pct(h["multi_level_probe"]),
              num(h["psnr_inverted_20"], ".2f") + (" dB" if h["psnr_inverted_20"] is not None else ""),
              num(h["fd10"], ".3f"), num(h["fd100"], ".3f"), num(h["fd_ratio"], ".2f"),
              f"{', '.join(met) or 'none'} ({len(met)} of {measured} measured)" if measured else "-"]

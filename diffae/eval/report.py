@@ -44,11 +44,16 @@ def write(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return out / "results.json", out / "results.md"
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
-def _num(v, fmt: str = ".4g") -> str:
+def few_shot(fs: dict | None) -> str:
+    """'mean ± std %' of a few-shot record ({'mean', 'std'}), '-' when missing."""
+    return "-" if not fs else f"{100 * fs['mean']:.2f} ± {100 * fs['std']:.2f} %"
+
+
+def num(v, fmt: str = ".4g") -> str:
     if v is None:
         return "-"
     if isinstance(v, float) and not math.isfinite(v):
@@ -59,11 +64,10 @@ def _num(v, fmt: str = ".4g") -> str:
 def _rep_rows(results: dict) -> list[str]:
     rows = []
     for rep in results.get("representation", []):
-        fs = rep.get("few_shot") or {}
-        few = "-" if not fs else f"{100 * fs['mean']:.2f} ± {100 * fs['std']:.2f} %"
+        few = few_shot(rep.get("few_shot"))
         lp = rep.get("linear_probe") or {}
-        rows.append(f"| {rep['name']} | {rep['dim']} | {_pct(lp.get('accuracy'))} | {_num(lp.get('l2'), 'g')} | "
-                    f"{_pct((rep.get('knn') or {}).get('accuracy'))} | {few} |")
+        rows.append(f"| {rep['name']} | {rep['dim']} | {pct(lp.get('accuracy'))} | {num(lp.get('l2'), 'g')} | "
+                    f"{pct((rep.get('knn') or {}).get('accuracy'))} | {few} |")
     return rows
 
 
@@ -87,7 +91,7 @@ def markdown(r: dict) -> str:
                   f"Training noise range: {r.get('training_noise', '?')}.", "",
                   "| t | linear probe | kNN-20 |", "|---|---|---|"]
         for row in r["detail_control"]:
-            lines.append(f"| {row['t']:g} | {_pct(row['linear_probe'])} | {_pct(row['knn'])} |")
+            lines.append(f"| {row['t']:g} | {pct(row['linear_probe'])} | {pct(row['knn'])} |")
         lines.append("")
     if r.get("reconstruction"):
         n = r["reconstruction"][0]["n"]
@@ -98,8 +102,8 @@ def markdown(r: dict) -> str:
                   "| DDIM steps | inverted MSE | inverted PSNR | random-x_T MSE | random-x_T PSNR |",
                   "|---|---|---|---|---|"]
         for row in r["reconstruction"]:
-            lines.append(f"| {row['steps']} | {_num(row['inverted_mse'], '.3e')} | {_num(row['inverted_psnr'], '.2f')} dB"
-                         f" | {_num(row['random_mse'], '.3e')} | {_num(row['random_psnr'], '.2f')} dB |")
+            lines.append(f"| {row['steps']} | {num(row['inverted_mse'], '.3e')} | {num(row['inverted_psnr'], '.2f')} dB"
+                         f" | {num(row['random_mse'], '.3e')} | {num(row['random_psnr'], '.2f')} dB |")
         lines.append("")
     gen = r.get("generation")
     if gen:
@@ -108,10 +112,10 @@ def markdown(r: dict) -> str:
             lines += [f"Skipped: {gen['skipped']}", ""]
         else:
             lines += [f"FD-FMNIST is a Frechet distance in the 128-d features of diffae's own small "
-                      f"Fashion-MNIST classifier (test accuracy {_pct(gen.get('classifier_test_accuracy'))}); "
+                      f"Fashion-MNIST classifier (test accuracy {pct(gen.get('classifier_test_accuracy'))}); "
                       "it is NOT Inception FID and compares only with FD-FMNIST at the same N. "
                       f"{gen['n']} samples against the {gen['reference']}; z from {gen['z_source']}. "
-                      f"Floor: {gen['n']} real train images score {_num(gen.get('real_floor'), '.3f')}.", ""]
+                      f"Floor: {gen['n']} real train images score {num(gen.get('real_floor'), '.3f')}.", ""]
             if gen.get("note"):
                 lines += [f"Note: {gen['note']}", ""]
             steps = sorted({row["steps"] for row in gen["rows"]})
@@ -119,7 +123,7 @@ def markdown(r: dict) -> str:
                       "|---|" + "---|" * len(steps)]
             for sampler in dict.fromkeys(row["sampler"] for row in gen["rows"]):
                 vals = {row["steps"]: row["fd"] for row in gen["rows"] if row["sampler"] == sampler}
-                lines.append(f"| {sampler} | " + " | ".join(_num(vals.get(s), ".3f") for s in steps) + " |")
+                lines.append(f"| {sampler} | " + " | ".join(num(vals.get(s), ".3f") for s in steps) + " |")
             lines.append("")
     if r.get("files"):
         lines += ["## Files", ""] + [f"- `{f}`" for f in r["files"]] + [""]
@@ -144,15 +148,14 @@ def summary_markdown(results: list[dict]) -> str:
     for r in results:
         gen = r.get("generation")
         rec = {row["steps"]: row for row in r.get("reconstruction", [])}
-        psnr = _num(rec[20]["inverted_psnr"], ".2f") + " dB" if 20 in rec else "-"
+        psnr = num(rec[20]["inverted_psnr"], ".2f") + " dB" if 20 in rec else "-"
         fd10, fd100 = fd_at(gen, 10), fd_at(gen, 100)
         ratio = "-" if fd10 is None or not fd100 else f"{fd10 / fd100:.2f}"
         for i, rep in enumerate(r.get("representation", []) or [{"name": "-"}]):
-            fs = rep.get("few_shot") or {}
-            few = "-" if not fs else f"{100 * fs['mean']:.2f} ± {100 * fs['std']:.2f} %"
-            lines.append(f"| {r.get('preset', '?')} | {rep['name']} | {_pct((rep.get('linear_probe') or {}).get('accuracy'))} "
-                         f"| {_pct((rep.get('knn') or {}).get('accuracy'))} | {few} | "
-                         + (f"{psnr} | {_num(fd10, '.3f')} | {_num(fd100, '.3f')} | {ratio} |" if i == 0 else "| | | |"))
+            few = few_shot(rep.get("few_shot"))
+            lines.append(f"| {r.get('preset', '?')} | {rep['name']} | {pct((rep.get('linear_probe') or {}).get('accuracy'))} "
+                         f"| {pct((rep.get('knn') or {}).get('accuracy'))} | {few} | "
+                         + (f"{psnr} | {num(fd10, '.3f')} | {num(fd100, '.3f')} | {ratio} |" if i == 0 else "| | | |"))
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +171,7 @@ def detail_markdown(results: list[dict]) -> str:
     for r in runs:
         acc = {row["t"]: row["linear_probe"] for row in r["detail_control"]}
         lines.append(f"| {r.get('preset', '?')} | {r.get('training_noise', '?')} | "
-                     + " | ".join(_pct(acc.get(t)) for t in ts) + " |")
+                     + " | ".join(pct(acc.get(t)) for t in ts) + " |")
     return "\n".join(lines) + "\n"
 
 
