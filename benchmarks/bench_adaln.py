@@ -8,9 +8,10 @@ backward (autograd.grad on a retained graph) and forward+backward of the Triton 
 reference and torch.compile of the reference (one compile per shape, dynamic=False), and the
 fused residual + next-LayerNorm op against the two separately compiled reference ops.  Two
 timings of each, compile excluded:
-  *_ms         device time: the pass captured in a CUDA graph, replays timed with CUDA events
-               (triton.testing.do_bench_cudagraph, median); what the kernels cost inside a
-               compiled or graph-captured training step, where the host runs ahead
+  *_ms         device time: the pass repeated in one CUDA graph, replays timed with CUDA events
+               (graph_ms, median of 10; L2 not flushed, the working sets being 2-7x the L2);
+               what the kernels cost inside a compiled or graph-captured training step, where
+               the host runs ahead
   *_stream_ms  triton.testing.do_bench (CUDA events, median, L2 flushed between reps): the same
                pass launched from Python each time, host launch overhead included
 The copy ceiling is timed both ways too; fractions of copy use the device time.
@@ -18,9 +19,9 @@ The copy ceiling is timed both ways too; fractions of copy use the device time.
 GB/s counts minimal bytes: each input of a pass read once, each output written once (a
 forward+backward counts both passes).  The ceiling is the device-to-device copy rate measured in
 the same run (the larger of a copy of x's size and a 1 GiB copy).  --sweep first times launch
-configurations of each kernel alone (kernels.adaln.TUNE, device time); --apply-best then runs the
-benchmark with the fastest configuration of each kernel group (least total time over the shapes).  On a GPU
-machine where the package is not installed, `ln -s ../kernels diffae/kernels` and PYTHONPATH=.
+configurations of each kernel alone (kernels.adaln.TUNE, device time); --apply-best then runs
+the benchmark with the fastest configuration of each kernel group (least total time over the
+shapes).  On a GPU machine where the package is not installed, `ln -s ../kernels diffae/kernels` and PYTHONPATH=.
 make diffae.kernels importable.  JSON goes to <out>/<gpu-name-slug>-adaln.json.
 """
 from __future__ import annotations
@@ -306,7 +307,7 @@ def _main(args) -> int:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "dtype": "bfloat16", "modulation": "per-sample (B, C), bfloat16",
         "bytes": "minimal: each input of a pass read once, each output written once; fwd+bwd = both passes",
-        "timing": "*_ms: CUDA-graph replay (do_bench_cudagraph), median; *_stream_ms: do_bench, median, "
+        "timing": "*_ms: CUDA-graph replay (graph_ms), median; *_stream_ms: do_bench, median, "
                   "L2 flushed; backward = autograd.grad on a retained graph",
         "copy_gbps_1GiB": big, "copy_gbps_1GiB_stream": big_stream, "tune": dict(K.TUNE), "shapes": {},
         "rows": [], "fused_vs_separate": [],
