@@ -9,7 +9,7 @@ reference and torch.compile of the reference (one compile per shape, dynamic=Fal
 fused residual + next-LayerNorm op against the two separately compiled reference ops.  Two
 timings of each, compile excluded:
   *_ms         device time: the pass repeated in one CUDA graph, replays timed with CUDA events
-               (graph_ms, median of 10; L2 not flushed, the working sets being 2-7x the L2);
+               (graph_ms, median of 10; L2 not flushed: each pass moves 3-15x the 60 MB L2);
                what the kernels cost inside a compiled or graph-captured training step, where
                the host runs ahead
   *_stream_ms  triton.testing.do_bench (CUDA events, median, L2 flushed between reps): the same
@@ -21,8 +21,8 @@ forward+backward counts both passes).  The ceiling is the device-to-device copy 
 the same run (the larger of a copy of x's size and a 1 GiB copy).  --sweep first times launch
 configurations of each kernel alone (kernels.adaln.TUNE, device time); --apply-best then runs
 the benchmark with the fastest configuration of each kernel group (least total time over the
-shapes).  On a GPU machine where the package is not installed, `ln -s ../kernels diffae/kernels` and PYTHONPATH=.
-make diffae.kernels importable.  JSON goes to <out>/<gpu-name-slug>-adaln.json.
+shapes).  On a GPU machine where the package is not installed, `ln -s ../kernels diffae/kernels`
+and PYTHONPATH=. make diffae.kernels importable.  JSON goes to <out>/<gpu-name-slug>-adaln.json.
 """
 from __future__ import annotations
 
