@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .ops import _backend
+        _backend.check_environment()
         code = args.func(args)
     except DiffaeError as exc:
         print(f"diffae: error: {exc}", file=sys.stderr)

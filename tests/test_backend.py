@@ -45,3 +45,21 @@ def test_per_op_choice_wins_over_global(restore):
     assert _backend.forced_backend("attention") == "triton"  # the global choice again
     with pytest.raises(ValueError, match="unknown op"):
         _backend.set_backend("triton", op="nope")
+
+
+def test_bad_environment_fails_at_first_use_and_in_one_cli_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, DIFFAE_BACKEND="attention=fast")
+    code = ("import torch, diffae\nfrom diffae import ops\n"
+            "try:\n    ops.attention(torch.randn(1, 4, 3, 2, 8, dtype=torch.bfloat16))\nexcept diffae.errors.ConfigError as e:\n"
+            "    print('refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr  # importing diffae does not fail
+    assert "refused: unknown backend 'fast' for attention in DIFFAE_BACKEND" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "diffae", "info"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "diffae: error: unknown backend 'fast' for attention in DIFFAE_BACKEND; choose one of reference, triton, cuda"]

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from ..errors import ConfigError
+
 log = logging.getLogger("diffae.ops")
 
 _availability: dict[str, tuple[bool, str]] = {}
@@ -25,7 +27,7 @@ _logged: set[tuple[str, str]] = set()
 
 def _check_name(name: str, where: str) -> None:
     if name not in _VALID:
-        raise ValueError(f"unknown backend {name!r}{where}; choose one of {', '.join(_VALID)}")
+        raise ConfigError(f"unknown backend {name!r}{where}; choose one of {', '.join(_VALID)}")
 
 
 def _parse_forced(spec: str) -> tuple[str | None, dict[str, str]]:
@@ -38,13 +40,23 @@ def _parse_forced(spec: str) -> tuple[str | None, dict[str, str]]:
             default = op
             continue
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r} in DIFFAE_BACKEND; ops: {', '.join(OPS)}")
+            raise ConfigError(f"unknown op {op!r} in DIFFAE_BACKEND; ops: {', '.join(OPS)}")
         _check_name(name, f" for {op} in DIFFAE_BACKEND")
         per_op[op] = name
     return default, per_op
 
 
-_forced, _forced_ops = _parse_forced(os.environ.get("DIFFAE_BACKEND", ""))
+try:
+    _forced, _forced_ops = _parse_forced(os.environ.get("DIFFAE_BACKEND", ""))
+    _env_error: str | None = None
+except ConfigError as exc:  # raised at the first op instead: `import diffae` itself must not fail
+    _forced, _forced_ops, _env_error = None, {}, str(exc)
+
+
+def check_environment() -> None:
+    """Raise the ConfigError of a bad DIFFAE_BACKEND (the CLI calls this first: one-line error)."""
+    if _env_error is not None:
+        raise ConfigError(_env_error)
 
 
 def _probe(name: str, module: str) -> tuple[bool, str]:
@@ -79,7 +91,7 @@ def set_backend(name: str | None, op: str | None = None) -> None:
         _forced = name
         return
     if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+        raise ConfigError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if name is None:
         _forced_ops.pop(op, None)
     else:
@@ -113,6 +125,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 when the reference
     is not forced.  Automatic mode only picks it on CUDA: the interpreter is for tests.
     """
+    check_environment()
     forced = forced_backend(op)
     if forced == "reference":
         return False
@@ -128,6 +141,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
 
 def use_extension(op: str, *tensors: torch.Tensor) -> bool:
     """Whether `op` should run on the C++/CUDA extension (it has CPU and CUDA kernels)."""
+    check_environment()
     if forced_backend(op) in ("reference", "triton"):
         return False
     ok = _extension_ok()
