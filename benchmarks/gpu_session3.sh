@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
-#   bash benchmarks/gpu_session3.sh methods  # the five method presets trained and evaluated at once
-#                                            # (MINUTES of training, default 3.5; EVAL_MINUTES, default 3)
-# Expects .yardstick carried into the checkout.
+#   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
+#          (MINUTES of training, default 3.5; EVAL_MINUTES, default 3; ARGS go to method_suite.py, e.g.
+#          MINUTES=5.5 ... methods --presets mldae --set train.compile=true: one preset, compiled)
+# Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,6 +36,6 @@ case "${1:-train}" in
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
-      --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" 2>&1 | tail -45 ;;
+      --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;
 esac
 echo "session stage done in $((SECONDS - T0)) s"
