@@ -299,8 +299,8 @@ def _main(args) -> int:
         return 1
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     name = "cpu-smoke" if SMOKE else torch.cuda.get_device_name()
-    # stream-launched first: its warm-up brings the clocks up (a graph-timed copy measured first
-    # read 2.77 TB/s against 4.2 right after, on an idle H200 at 345 MHz)
+    # stream-launched first, with its warm-up: measured first, the graph-timed 1 GiB copy read
+    # 2.77 TB/s and the stream one right after 4.22 (an H200 idling at 345 MHz: clocks, presumably)
     big_stream = copy_rate(1 << 20 if SMOKE else 1 << 30, graph=False)
     big = copy_rate(1 << 20 if SMOKE else 1 << 30)
     result = {
