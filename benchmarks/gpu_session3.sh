@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
 #          (MINUTES of training, default 3.5; EVAL_MINUTES, default 3; ARGS go to method_suite.py, e.g.
 #          MINUTES=5.5 ... methods --presets mldae --set train.compile=true: one preset, compiled)
+#   bash benchmarks/gpu_session3.sh sample # GPU tests of sampling; profile_sample.py (inference copy vs autocast
+#                                          # weights, batch 1 and 64); `diffae bench sample` in two processes
+#                                          # (the second reuses the compile caches); the yardstick's sampling
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -16,6 +19,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$SECONDS
 left() { echo $(( ${1} - (SECONDS - T0) )); }  # seconds left of a budget of $1 from the start
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
+[ "${1:-train}" = sample ] && : "${DIFFAE_NO_EXT:=0}"  # sampling uses the extension's step kernels
 DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
   || tail -20 "$OUT/install.log"
 B="--preset dae-b --img 32 --channels 3 --batch 256"
@@ -34,6 +38,19 @@ case "${1:-train}" in
       | tee "$OUT/train-b.log"
     timeout "$(left 570)" python3 benchmarks/profile_train.py $B --out /tmp/prof --rows 30 > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
+  sample)
+    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py; do
+      timeout 150 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
+        | tail -12 | sed "s|^|$f: |"
+    done 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout 240 python3 benchmarks/profile_sample.py --batch 1 64 --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/profile-sample.log"
+    for i in 1 2; do
+      timeout 120 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
+        --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
+    done | tee "$OUT/bench-sample.log"
+    { timeout 60 python3 .yardstick/plain_dit.py sample --batch 1 --graph 2>&1 | tail -1
+      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 2>&1 | tail -1
+      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.log" ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;

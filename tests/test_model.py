@@ -88,3 +88,42 @@ def test_bad_images_are_named(micro_cfg, bad, message):
     model = DiffusionAutoencoder(micro_cfg)
     with pytest.raises(InputError, match=message):
         model.encode(bad)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "scale", "cross-attn"])
+def test_inference_copy_gives_the_denoisers_output(micro_cfg, conditioning):
+    cfg = micro_cfg.override([f"model.conditioning={conditioning}"])
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(cfg)
+    _leave_identity_init(model)
+    net = model.denoiser.inference_copy()
+    assert net.stacked_ada is not None and all(b.ada is None for b in net.blocks)
+    x, t = _images(cfg, b=3), torch.tensor([0.1, 0.5, 0.9])
+    z = torch.randn(3, cfg.encoder.z_dim)
+    with torch.no_grad():
+        want, got = model.denoise(x, t, z), model.denoise(x, t, z, net)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a copy: training the model on does not reach it, and it has no gradients to take
+    with torch.no_grad():
+        model.denoiser.blocks[0].ada.weight.add_(1.0)
+        assert torch.equal(model.denoise(x, t, z, net), got)
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.gpu
+def test_inference_copy_with_bf16_weights_matches_autocast():
+    """bf16-stored weights are what autocast would cast them to: the same output, up to the GEMM
+    order of the stacked AdaLN projection."""
+    cfg = get_preset("dae-tiny")
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(cfg).cuda()
+    _leave_identity_init(model)
+    net = model.denoiser.inference_copy(torch.bfloat16)
+    assert net.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    x = torch.rand(8, cfg.model.channels, cfg.model.img_size, cfg.model.img_size, device="cuda") * 2 - 1
+    t, z = torch.rand(8, device="cuda"), torch.randn(8, cfg.encoder.z_dim, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        want, got = model.denoise(x, t, z).float(), model.denoise(x, t, z, net).float()
+    err = (got - want).abs().max().item()
+    print(f"max |bf16 copy - autocast| = {err:.2e}, output scale {want.abs().max().item():.2f}")
+    assert err <= 2e-2 * want.abs().max().item()

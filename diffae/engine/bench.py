@@ -37,6 +37,29 @@ def _timer(device: torch.device):
     return measure
 
 
+def _denoiser_call(pipe: Pipeline, n: int, z: torch.Tensor, cuda_graph: bool):
+    """One denoiser call at batch n, run the way the sampling loop runs it: replayed from its own
+    CUDA graph when the loop is graphed (else its launches would be timed against a graph's)."""
+    m = pipe.cfg.model
+    x = torch.randn(n, m.channels, m.img_size, m.img_size, device=z.device)
+    denoise = pipe._denoise_fn(z, pipe.net)
+
+    def call():
+        with torch.no_grad():
+            return denoise(x, 0.5)
+    if not cuda_graph:
+        return call
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # its own pool: the sampling graphs' memory stays untouched
+        call()
+    return graph.replay
+
+
 def bench_sample(ckpt, preset, img, channels, batches, steps, sampler, compile, cuda_graph, device) -> list[dict]:
     if ckpt:
         pipe = Pipeline.from_checkpoint(ckpt, device, compile=compile, cuda_graph=cuda_graph)
@@ -57,10 +80,7 @@ def bench_sample(ckpt, preset, img, channels, batches, steps, sampler, compile, 
         first_s = time.perf_counter() - t0
         reps = 50 if n <= 8 else 20
         ms = measure(lambda: pipe.sample(n, steps=steps, sampler=sampler, seed=0, z=z), reps)
-        x = torch.randn(n, pipe.cfg.model.channels, pipe.cfg.model.img_size, pipe.cfg.model.img_size, device=device)
-        denoise = pipe._denoise_fn(z, pipe.net)
-        with torch.no_grad():
-            net_ms = measure(lambda: denoise(x, 0.5), reps)
+        net_ms = measure(_denoiser_call(pipe, n, z, cuda_graph), reps)
         nfe = steps * 2 - 1 if sampler == "heun" else steps
         records.append({"what": "sample", "preset": pipe.cfg.preset, "batch": n, "steps": steps, "sampler": sampler,
                         "compile": compile, "cuda_graph": cuda_graph, "ms": round(ms, 3),

@@ -40,7 +40,11 @@ class Pipeline:
         self.device = next(model.parameters()).device
         if cuda_graph and self.device.type != "cuda":
             raise ConfigError("cuda_graph=True needs the model on a CUDA device")
-        self.net = torch.compile(model.denoiser, dynamic=False) if compile else model.denoiser
+        # sampling runs a frozen copy of the denoiser: weights pre-cast to the autocast dtype, AdaLN
+        # projections stacked (DiT.inference_copy), so few-step loops skip a cast of every weight
+        bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see _denoise_fn
+        self.eager_net = model.denoiser.inference_copy(torch.bfloat16 if bf16 else None)
+        self.net = torch.compile(self.eager_net, dynamic=False) if compile else self.eager_net
         self.prior_net = None if prior is None else (torch.compile(prior, dynamic=False) if compile else prior)
         self.graphs = GraphCache(self._run) if cuda_graph else None
         self.last_capture_s = 0.0
@@ -65,6 +69,8 @@ class Pipeline:
 
     # --- pieces -----------------------------------------------------------------------------
     def _denoise_fn(self, z: torch.Tensor, net=None):
+        net = self.eager_net if net is None else net
+
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
             tt = torch.full((x.shape[0],), t, device=x.device)
             with autocast(self.device, self.cfg.train.bf16):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import EncoderConfig, ModelConfig
 from .latent import Latent, make_latent_head
@@ -41,6 +42,7 @@ class Encoder(nn.Module):
         else:
             c = self.const.expand(B, -1)
         h = self.x_embed(x0)
+        s = F.silu(c)
         for block in self.blocks:
-            h = run_block(block, self.checkpointing, h, c)
+            h = run_block(block, self.checkpointing, h, block.ada(s))
         return self.head(self.norm(h.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent
