@@ -9,9 +9,9 @@
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
 #          (MINUTES of training, default 3.5; EVAL_MINUTES, default 3; ARGS go to method_suite.py, e.g.
 #          MINUTES=5.5 ... methods --presets mldae --set train.compile=true: one preset, compiled)
-#   bash benchmarks/gpu_session3.sh sample # GPU tests of sampling; profile_sample.py (inference copy vs autocast
-#                                          # weights, batch 1 and 64); `diffae bench sample` in two processes
-#                                          # (the second reuses the compile caches); the yardstick's sampling
+#   bash benchmarks/gpu_session3.sh sample # `diffae bench sample` in two processes (cold, then reusing the
+#                                          # compile caches); the yardstick's sampling; GPU tests of sampling
+#                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -39,18 +39,21 @@ case "${1:-train}" in
     timeout "$(left 570)" python3 benchmarks/profile_train.py $B --out /tmp/prof --rows 30 > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
   sample)
-    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py; do
-      timeout 150 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
-        | tail -12 | sed "s|^|$f: |"
-    done 2>&1 | tee "$OUT/gpu_tests.log"
-    timeout 240 python3 benchmarks/profile_sample.py --batch 1 64 --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/profile-sample.log"
+    # `diffae bench sample` first, in two processes: the first on cold compile caches (its first call
+    # is the cold compile + capture), the second reusing them
     for i in 1 2; do
-      timeout 120 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
+      timeout 150 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
         --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
     done | tee "$OUT/bench-sample.log"
     { timeout 60 python3 .yardstick/plain_dit.py sample --batch 1 --graph 2>&1 | tail -1
       timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 2>&1 | tail -1
-      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.log" ;;
+      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.log"
+    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
+      timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
+        | tail -12 | sed "s|^|$f: |"
+    done 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout "$(left 585)" python3 benchmarks/profile_sample.py --batch 1 64 --variants ${VARIANTS:-copy autocast} \
+      --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/profile-sample.log" ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;

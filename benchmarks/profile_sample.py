@@ -3,11 +3,13 @@
   python benchmarks/profile_sample.py --preset dae-b --img 32 --channels 3 --batch 1 64 --steps 10
 
 For each batch, the whole compiled sampling loop is captured in one CUDA graph (as
-`diffae sample --compile --cuda-graph` runs it) in two variants, built from the same weights:
+`diffae sample --compile --cuda-graph` runs it) in these variants, built from the same weights:
   copy      the pipeline's denoiser: `DiT.inference_copy`, bf16 weights, one stacked AdaLN GEMM
   autocast  the training module itself: fp32 weights that autocast casts on every call, and one
             AdaLN GEMM per block (how sampling ran before the inference copy)
-It prints each variant's median latency (CUDA events around replay), then profiles a few replays:
+  autotune  copy, compiled with Inductor's max_autotune (GEMMs tuned over Triton templates and
+            cuBLAS, epilogues fused into them): faster small-batch GEMMs, for a longer first call
+It prints each variant's first call (compile + capture), median latency (CUDA events around replay), then profiles a few replays:
 kernels per loop, their summed device time, and the rest (the time the GPU sat between kernels),
 with device time per kind of kernel.  JSON to benchmarks/results/<gpu>-profile-sample-....json.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,8 +53,10 @@ def build(preset: str, img: int, channels: int, variant: str, device) -> Pipelin
             w.add_(0.02 * torch.randn_like(w))
     pipe = Pipeline(model, None, compile=True, cuda_graph=True)
     if variant == "autocast":  # before any capture: the graphs are built from this net
-        pipe.eager_net = model.denoiser
-        pipe.net = torch.compile(model.denoiser, dynamic=False)
+        pipe.denoiser = model.denoiser
+        pipe.network = torch.compile(pipe._network, dynamic=False)
+    elif variant == "autotune":  # Inductor's GEMM autotuning (Triton templates beside cuBLAS)
+        pipe.network = torch.compile(pipe._network, dynamic=False, options={"max_autotune": True})
     return pipe
 
 
@@ -101,7 +106,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--variants", nargs="+", default=["copy", "autocast"], choices=["copy", "autocast"])
+    p.add_argument("--variants", nargs="+", default=["copy", "autocast"], choices=["copy", "autocast", "autotune"])
     p.add_argument("--reps", type=int, default=30, help="timed replays")
     p.add_argument("--profiled", type=int, default=3, help="replays under the profiler")
     p.add_argument("--results", default=None, help="JSON folder (default benchmarks/results)")
@@ -118,24 +123,27 @@ def main() -> None:
 
             def run():
                 return pipe.sample(n, steps=a.steps, sampler=a.sampler, seed=0, z=z)
+            t0 = time.perf_counter()
             first = run()  # compiles and captures
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
             ms = latency_ms(run, a.reps)
             prof = profile(run, a.profiled)
             rec = {"variant": variant, "batch": n, "steps": a.steps, "sampler": a.sampler, "ms": round(ms, 3),
-                   "img_per_s": round(n / ms * 1e3, 1), "capture_s": round(pipe.last_capture_s, 2),
+                   "img_per_s": round(n / ms * 1e3, 1), "first_call_s": round(first_s, 2),
+                   "capture_s": round(pipe.last_capture_s, 2),
                    "idle_ms": round(ms - prof["kernel_ms"], 3), **prof}
             records.append(rec)
             kinds = ", ".join(f"{k} {v['ms']:.2f} ms/{v['count']:.0f}" for k, v in prof["by_kind"].items())
-            print(f"{variant:8s} batch {n:3d}: {ms:7.2f} ms ({rec['img_per_s']:.0f} img/s); {prof['kernels']:.0f} "
+            print(f"{variant:8s} batch {n:3d}: first call {first_s:.1f} s, {ms:7.2f} ms ({rec['img_per_s']:.0f} img/s); {prof['kernels']:.0f} "
                   f"kernels, {prof['kernel_ms']:.2f} ms on the device, {rec['idle_ms']:.2f} ms between; {kinds}",
                   flush=True)
             records[-1]["sample_checksum"] = round(float(first.double().abs().mean()), 6)
         del pipe
         torch.cuda.empty_cache()
-    for n in a.batch:  # both variants compute the same images, up to the stacked GEMM's rounding
-        outs = [r["sample_checksum"] for r in records if r["batch"] == n]
-        if len(outs) == 2:
-            print(f"batch {n}: mean |x| copy {outs[0]:.6f}, autocast {outs[1]:.6f}")
+    for n in a.batch:  # the variants compute the same images, up to GEMM rounding
+        print(f"batch {n}: mean |x| " + ", ".join(f"{r['variant']} {r['sample_checksum']:.6f}"
+                                                    for r in records if r["batch"] == n))
     path = write_result(f"profile-sample-{a.preset}-{a.img}px", {"records": records}, a.results)
     print(f"wrote {path}")
 

@@ -458,12 +458,13 @@ def _sum_partials(partials, dtypes):
     return outs
 
 
-def adaln_forward(x, shift, scale, eps, gate=None, y=None):
-    """h = adaln(x) or, with gate and y, (r, h) = (x + gate * y, adaln(r)).  r is None without."""
+def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None):
+    """h = adaln(x) or, with gate and y, (r, h) = (x + gate * y, adaln(r)).  r is None without.
+    h is written in out_dtype (default x's): the next GEMM's input dtype, so no cast pass follows."""
     B, N, C = x.shape
     residual = gate is not None
     x, shift, scale = _rowmajor(x), _rowmajor(shift), _rowmajor(scale)
-    h = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
+    h = torch.empty((B, N, C), device=x.device, dtype=out_dtype or x.dtype)
     if residual:
         gate, y = _rowmajor(gate), _rowmajor(y)
         r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
@@ -605,8 +606,9 @@ def _register(name: str):
 
 
 @_register("diffae_triton::adaln_modulate")
-def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return adaln_forward(x, shift, scale, eps)[1]
+def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return adaln_forward(x, shift, scale, eps, out_dtype=out_dtype)[1]
 
 
 @_register("diffae_triton::adaln_modulate_backward")
@@ -618,7 +620,7 @@ def _adaln_modulate_backward_op(
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
-    x, shift, scale, eps = inputs
+    x, shift, scale, eps, _ = inputs
     ctx.save_for_backward(x, shift, scale)
     ctx.eps = eps
 
@@ -632,7 +634,7 @@ def _adaln_modulate_grad(ctx, dh):
         dx, dscale, dshift = torch.ops.diffae_triton.adaln_modulate_backward(x, shift, scale, dh, ctx.eps)
     if shift.dim() == 3:
         dshift = dh.to(shift.dtype)
-    return dx, dshift, dscale, None
+    return dx, dshift, dscale, None, None
 
 
 _adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_modulate_setup)
@@ -674,8 +676,9 @@ _gated_residual_op.register_autograd(_gated_residual_grad, setup_context=_gated_
 @_register("diffae_triton::gated_residual_adaln")
 def _gated_residual_adaln_op(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return adaln_forward(x, shift, scale, eps, gate=gate, y=y)
+    return adaln_forward(x, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype)
 
 
 @_register("diffae_triton::gated_residual_adaln_backward")
@@ -688,7 +691,7 @@ def _gated_residual_adaln_backward_op(
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
-    x, gate, y, shift, scale, eps = inputs
+    x, gate, y, shift, scale, eps, _ = inputs
     # The backward normalises the stored residual r (an output) rather than recomputing it.
     ctx.save_for_backward(output[0], gate, y, shift, scale)
     ctx.eps = eps
@@ -698,9 +701,9 @@ def _gated_residual_adaln_grad(ctx, dr, dh):
     r, gate, y, shift, scale = ctx.saved_tensors
     if dh is None:  # h unused: only the residual path carries gradient
         if dr is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dy, dgate = _gated_residual_backward_any(gate, y, dr)
-        return dr, dgate, dy, None, None, None
+        return dr, dgate, dy, None, None, None, None
     if _eager(r, gate, y, shift, scale, dr, dh):
         with _launch_directly():
             dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, ctx.eps, gate=gate, y=y, dr=dr)
@@ -709,7 +712,7 @@ def _gated_residual_adaln_grad(ctx, dr, dh):
             r, gate, y, shift, scale, dr, dh, ctx.eps)
     if shift.dim() == 3:
         dshift = dh.to(shift.dtype)
-    return dx, dgate, dy, dshift, dscale, None
+    return dx, dgate, dy, dshift, dscale, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_context=_gated_residual_adaln_setup)
@@ -739,13 +742,15 @@ def _eager_function(name, forward, setup_context, backward):
 
 
 _AdalnModulateEager = _eager_function(
-    "_AdalnModulateEager", lambda x, shift, scale, eps: adaln_forward(x, shift, scale, eps)[1],
+    "_AdalnModulateEager", lambda x, shift, scale, eps, out_dtype: adaln_forward(x, shift, scale, eps,
+                                                                                 out_dtype=out_dtype)[1],
     _adaln_modulate_setup, _adaln_modulate_grad)
 _GatedResidualEager = _eager_function(
     "_GatedResidualEager", gated_residual_forward, _gated_residual_setup, _gated_residual_grad)
 _GatedResidualAdalnEager = _eager_function(
     "_GatedResidualAdalnEager",
-    lambda x, gate, y, shift, scale, eps: adaln_forward(x, shift, scale, eps, gate=gate, y=y),
+    lambda x, gate, y, shift, scale, eps, out_dtype: adaln_forward(x, shift, scale, eps, gate=gate, y=y,
+                                                                   out_dtype=out_dtype),
     _gated_residual_adaln_setup, _gated_residual_adaln_grad)
 
 
@@ -754,11 +759,13 @@ def _use_eager(*tensors) -> bool:
     return not torch.compiler.is_compiling() and _eager(*tensors)
 
 
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift; x (B, N, C), shift/scale (B, C) or (B, N, C)."""
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift; x (B, N, C), shift/scale (B, C) or (B, N, C); the
+    result in out_dtype (default x's)."""
     if _use_eager(x, shift, scale):
-        return _AdalnModulateEager.apply(x, shift, scale, float(eps))
-    return torch.ops.diffae_triton.adaln_modulate(x, shift, scale, float(eps))
+        return _AdalnModulateEager.apply(x, shift, scale, float(eps), out_dtype)
+    return torch.ops.diffae_triton.adaln_modulate(x, shift, scale, float(eps), out_dtype)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -768,8 +775,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     return torch.ops.diffae_triton.gated_residual(x, gate, y)
 
 
-def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, h) = (x + gate * y, adaln_modulate(r, shift, scale)) in one pass."""
+def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6,
+                         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, h) = (x + gate * y, adaln_modulate(r, shift, scale)) in one pass; r in x's dtype, h in
+    out_dtype (default x's)."""
     if _use_eager(x, gate, y, shift, scale):
-        return _GatedResidualAdalnEager.apply(x, gate, y, shift, scale, float(eps))
-    return torch.ops.diffae_triton.gated_residual_adaln(x, gate, y, shift, scale, float(eps))
+        return _GatedResidualAdalnEager.apply(x, gate, y, shift, scale, float(eps), out_dtype)
+    return torch.ops.diffae_triton.gated_residual_adaln(x, gate, y, shift, scale, float(eps), out_dtype)

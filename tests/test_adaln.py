@@ -7,6 +7,7 @@ Tolerance rule: the kernel and the PyTorch reference at the same dtypes are both
 an fp64 evaluation of the same inputs; the kernel's max error may be at most twice PyTorch's
 (plus a floor of 1e-5 of the output's magnitude, for fp32, where both are at rounding level).
 """
+import functools
 import os
 
 import pytest
@@ -91,8 +92,10 @@ def check(name, kernel, torch_dt, oracle):
     assert ek <= 2 * et + floor, f"{name}: kernel error {ek:.3g} > 2 x PyTorch's {et:.3g} + {floor:.2g}"
 
 
-def run_and_check(op, inp, grads=True, seed=1):
+def run_and_check(op, inp, grads=True, seed=1, out_dtype=None):
     kern, ref, orc, names = OPS[op]
+    if out_dtype is not None:  # h in another dtype than x (the model under autocast)
+        kern, ref = functools.partial(kern, out_dtype=out_dtype), functools.partial(ref, out_dtype=out_dtype)
     leaves = {impl: [inp[n].detach().clone().requires_grad_(grads) for n in names] for impl in ("k", "t")}
     leaves["o"] = [inp[n].detach().double().requires_grad_(grads) for n in names]
     outs = {"k": _as_tuple(kern(*leaves["k"])), "t": _as_tuple(ref(*leaves["t"])), "o": _as_tuple(orc(*leaves["o"]))}
@@ -130,6 +133,23 @@ def _case_id(case):
 @pytest.mark.parametrize("dtype,mod_dtype,C,N", CASES, ids=[_case_id(c) for c in CASES])
 def test_matches_reference(op, per_token, dtype, mod_dtype, C, N):
     run_and_check(op, make_inputs(2, N, C, dtype, mod_dtype, per_token))
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("out_dtype", [BF16, F16], ids=["h_bf16", "h_fp16"])
+def test_out_dtype(op, per_token, out_dtype):
+    # fp32 residual stream, h written in the next GEMM's dtype; its gradient arrives in that dtype
+    inp = make_inputs(2, 33, 137, F32, F32, per_token)
+    *r, h = _as_tuple(OPS[op][0](*(inp[n] for n in OPS[op][3]), out_dtype=out_dtype))
+    assert h.dtype == out_dtype and all(t.dtype == F32 for t in r)
+    run_and_check(op, inp, out_dtype=out_dtype)
+
+
+def test_out_dtype_is_checked():
+    inp = make_inputs(2, 3, 8, F32, F32, per_token=False)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.adaln_modulate(inp["x"], inp["shift"], inp["scale"], out_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -219,13 +239,17 @@ def _opcheck_cases():
         (lib.gated_residual_adaln.default, (t["x"], t["gate"], t["y"], t["shift"], t["scale"], EPS)),
         (lib.gated_residual_adaln_backward.default, (s["x"], s["gate"], s["y"], s["shift"], s["scale"],
                                              dh.to(BF16), dh.to(BF16), EPS)),
+        (lib.adaln_modulate.default, (t["x"], t["shift"], t["scale"], EPS, BF16)),
+        (lib.gated_residual_adaln.default, (t["x"], t["gate"], t["y"], t["shift"], t["scale"], EPS, BF16)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=lambda i: ["adaln_modulate", "adaln_modulate_backward",
+@pytest.mark.parametrize("case", range(8), ids=lambda i: ["adaln_modulate", "adaln_modulate_backward",
                                                           "gated_residual", "gated_residual_backward",
                                                           "gated_residual_adaln",
-                                                          "gated_residual_adaln_backward"][i])
+                                                          "gated_residual_adaln_backward",
+                                                          "adaln_modulate_h_bf16",
+                                                          "gated_residual_adaln_h_bf16"][i])
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     if not op._schema.name.endswith("_backward"):  # forward ops: check their autograd too

@@ -42,7 +42,7 @@ def _denoiser_call(pipe: Pipeline, n: int, z: torch.Tensor, cuda_graph: bool):
     CUDA graph when the loop is graphed (else its launches would be timed against a graph's)."""
     m = pipe.cfg.model
     x = torch.randn(n, m.channels, m.img_size, m.img_size, device=z.device)
-    denoise = pipe._denoise_fn(z, pipe.net)
+    denoise = pipe._denoise_fn(z, compiled=True)
 
     def call():
         with torch.no_grad():

@@ -42,9 +42,10 @@ class Pipeline:
             raise ConfigError("cuda_graph=True needs the model on a CUDA device")
         # sampling runs a frozen copy of the denoiser: weights pre-cast to the autocast dtype, AdaLN
         # projections stacked (DiT.inference_copy), so few-step loops skip a cast of every weight
-        bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see _denoise_fn
-        self.eager_net = model.denoiser.inference_copy(torch.bfloat16 if bf16 else None)
-        self.net = torch.compile(self.eager_net, dynamic=False) if compile else self.eager_net
+        bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see _network
+        self.denoiser = model.denoiser.inference_copy(torch.bfloat16 if bf16 else None)
+        # the sampling loops' network; compiled whole, so the input scaling fuses into its kernels
+        self.network = torch.compile(self._network, dynamic=False) if compile else self._network
         self.prior_net = None if prior is None else (torch.compile(prior, dynamic=False) if compile else prior)
         self.graphs = GraphCache(self._run) if cuda_graph else None
         self.last_capture_s = 0.0
@@ -68,13 +69,18 @@ class Pipeline:
         return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
 
     # --- pieces -----------------------------------------------------------------------------
-    def _denoise_fn(self, z: torch.Tensor, net=None):
-        net = self.eager_net if net is None else net
+    def _network(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The model's output for x_t at times t (B,) given z: input scaling, autocast, denoiser copy."""
+        with autocast(self.device, self.cfg.train.bf16):
+            return self.model.denoise(x, t, z, self.denoiser)
+
+    def _denoise_fn(self, z: torch.Tensor, compiled: bool = False):
+        """denoise(x, t: float) for the samplers; compiled: through self.network (torch.compile'd
+        when the pipeline compiles), else eager (inversion and reconstruction, run once per call)."""
+        net = self.network if compiled else self._network
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
-            tt = torch.full((x.shape[0],), t, device=x.device)
-            with autocast(self.device, self.cfg.train.bf16):
-                return self.model.denoise(x, tt, z, net)
+            return net(x, torch.full((x.shape[0],), t, device=x.device), z)
         return denoise
 
     def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,7 +115,7 @@ class Pipeline:
         """The whole generation, from pre-drawn randomness to images; no host syncs (graph-capturable)."""
         z = inputs["z"] if "z" in inputs else self._prior_sample(inputs["zs"], prior_steps)
         noises = list(inputs["noises"].unbind(0)) if "noises" in inputs else None
-        x = samplers.sample(self._denoise_fn(z, self.net), inputs["x"], self.model.process, steps, sampler,
+        x = samplers.sample(self._denoise_fn(z, compiled=True), inputs["x"], self.model.process, steps, sampler,
                             self.model.sampling_prediction, eta=eta, noises=noises)
         return x.clamp(-1, 1)
 

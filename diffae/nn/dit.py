@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ModelConfig
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_block
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, gemm_dtype, run_block
 
 
 class DiT(nn.Module):
@@ -58,7 +58,7 @@ class DiT(nn.Module):
             h = run_block(block, self.cfg.activation_checkpointing, h, mod,
                           None if z_scales is None else z_scales[i], z_tokens)
         shift, scale = final.chunk(2, -1)
-        h = self.out(ops.adaln_modulate(h, shift, scale))  # (B, N, p*p*C)
+        h = self.out(ops.adaln_modulate(h, shift, scale, out_dtype=gemm_dtype(h)))  # (B, N, p*p*C)
         return self.unpatchify(h)
 
     def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:

@@ -15,6 +15,13 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 
 
+def gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Linear on x computes in when it is not x's own: autocast's, when autocast is on
+    for x's device.  The AdaLN ops write their output in it, sparing autocast a cast pass."""
+    kind = x.device.type  # meta tensors (FLOP counting) have no autocast state
+    return torch.get_autocast_dtype(kind) if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) else None
+
+
 def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
     """block(*args); with activation checkpointing, only the block's inputs are kept for the
     backward pass, which recomputes the rest (non-reentrant: works under torch.compile and DDP)."""
@@ -108,8 +115,8 @@ class AdaLNBlock(nn.Module):
             B, M, C = z_tokens.shape
             a = self.attn
             kv_extra = self.kv(z_tokens).view(B, M, 2, a.heads, a.head_dim)
-        h = ops.adaln_modulate(x, sh1, sc1)
-        # the sublayer outputs go in at their own (autocast) dtype: the ops upcast in registers,
-        # which spares a cast kernel and a pass over the activations per sublayer
-        x, h = ops.gated_residual_adaln(x, g1, self.attn(h, kv_extra), sh2, sc2)
+        # the sublayers' inputs come out of the ops in the GEMMs' dtype, and their outputs go in at
+        # their own (autocast) dtype, upcast in registers: no cast pass over the activations
+        h = ops.adaln_modulate(x, sh1, sc1, out_dtype=gemm_dtype(x))
+        x, h = ops.gated_residual_adaln(x, g1, self.attn(h, kv_extra), sh2, sc2, out_dtype=gemm_dtype(x))
         return ops.gated_residual(x, g2, self.mlp(h))
