@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session3.sh train  # dae-b 32x32 b256 compiled train step beside the compiled
 #                                          # yardstick (img/s, MFU, compile s, peak memory); attention's
 #                                          # share of the dae-b step, Triton vs SDPA
+#   bash benchmarks/gpu_session3.sh measure  # the yardstick's sampling, then dae-b's throughput beside the yardstick's
 #   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
@@ -23,11 +24,20 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
   || tail -20 "$OUT/install.log"
 B="--preset dae-b --img 32 --channels 3 --batch 256"
+yardstick_sample() {  # the yardstick's 10-step sampling: batch 1 graphed, batch 64 eager and graphed
+  { timeout 60 python3 .yardstick/plain_dit.py sample --batch 1 --graph 2>&1 | tail -1
+    timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 2>&1 | tail -1
+    timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.txt"
+}
 case "${1:-train}" in
   train)
     timeout 420 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
     timeout "$(left 570)" python3 benchmarks/attention_share.py $B --no-compile --results "$OUT" 2>&1 \
       | grep -v "^W\|profiler" | tee "$OUT/attention-share.log" ;;
+  measure)  # the yardstick's sampling, then the train stage's throughput comparison alone
+    yardstick_sample
+    timeout "$(left 570)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
+      | tee "$OUT/train-b.log" ;;
   adaln)
     timeout "$(left 570)" python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
@@ -45,9 +55,7 @@ case "${1:-train}" in
       timeout 150 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
         --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
     done | tee "$OUT/bench-sample.log"
-    { timeout 60 python3 .yardstick/plain_dit.py sample --batch 1 --graph 2>&1 | tail -1
-      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 2>&1 | tail -1
-      timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.log"
+    yardstick_sample
     for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
       timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
         | tail -12 | sed "s|^|$f: |"
