@@ -27,7 +27,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write_result  # noqa: E402
 from diffae.config import get_preset  # noqa: E402
-from diffae.engine.pipeline import Pipeline  # noqa: E402
+from diffae.engine.pipeline import Pipeline, sampling_network  # noqa: E402
 from diffae.nn.autoencoder import DiffusionAutoencoder  # noqa: E402
 
 KINDS = [  # first match wins
@@ -53,10 +53,9 @@ def build(preset: str, img: int, channels: int, variant: str, device) -> Pipelin
             w.add_(0.02 * torch.randn_like(w))
     pipe = Pipeline(model, None, compile=True, cuda_graph=True)
     if variant == "autocast":  # before any capture: the graphs are built from this net
-        pipe.denoiser = model.denoiser
-        pipe.network = torch.compile(pipe._network, dynamic=False)
+        pipe.network = torch.compile(sampling_network(model, model.denoiser), dynamic=False)
     elif variant == "autotune":  # Inductor's GEMM autotuning (Triton templates beside cuBLAS)
-        pipe.network = torch.compile(pipe._network, dynamic=False, options={"max_autotune": True})
+        pipe.network = torch.compile(pipe.eager_network, dynamic=False, options={"max_autotune": True})
     return pipe
 
 

@@ -9,6 +9,7 @@ same images with and without graphs.
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -58,8 +59,16 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.run(inputs, steps, sampler, eta, prior_steps)
+        # no garbage collection inside the capture: freeing a dead pipeline's graphs or memory there
+        # is a CUDA call that invalidates it (torch.cuda.graph collects once, before it starts)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = self.run(inputs, steps, sampler, eta, prior_steps)
+        finally:
+            if collecting:
+                gc.enable()
         torch.cuda.synchronize()
         entry = _Graph(graph, inputs, output, time.perf_counter() - t0)
         self.graphs[key] = entry

@@ -28,6 +28,20 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return out.view_as(a)
 
 
+def sampling_network(model: DiffusionAutoencoder, denoiser):
+    """network(x_t, t (B,), z): the model's output with `denoiser` (an inference copy) in place of
+    its own: input scaling, autocast and the denoiser, for torch.compile to trace as one region.
+    A closure over the model, not a Pipeline method: a compiled bound method would tie the pipeline
+    into a reference cycle, left for the garbage collector to free (CUDA graphs included) at any
+    moment, even while another pipeline captures."""
+    device = next(model.parameters()).device
+
+    def network(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with autocast(device, model.cfg.train.bf16):
+            return model.denoise(x, t, z, denoiser)
+    return network
+
+
 class Pipeline:
     """compile: torch.compile the denoiser (and latent prior) for inference.
     cuda_graph: capture whole sampling loops in CUDA graphs (CUDA only), one per batch bucket."""
@@ -42,10 +56,10 @@ class Pipeline:
             raise ConfigError("cuda_graph=True needs the model on a CUDA device")
         # sampling runs a frozen copy of the denoiser: weights pre-cast to the autocast dtype, AdaLN
         # projections stacked (DiT.inference_copy), so few-step loops skip a cast of every weight
-        bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see _network
-        self.denoiser = model.denoiser.inference_copy(torch.bfloat16 if bf16 else None)
-        # the sampling loops' network; compiled whole, so the input scaling fuses into its kernels
-        self.network = torch.compile(self._network, dynamic=False) if compile else self._network
+        bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see sampling_network
+        self.eager_network = sampling_network(model, model.denoiser.inference_copy(torch.bfloat16 if bf16 else None))
+        # compiled whole, so the input scaling fuses into the network's kernels
+        self.network = torch.compile(self.eager_network, dynamic=False) if compile else self.eager_network
         self.prior_net = None if prior is None else (torch.compile(prior, dynamic=False) if compile else prior)
         self.graphs = GraphCache(self._run) if cuda_graph else None
         self.last_capture_s = 0.0
@@ -69,15 +83,10 @@ class Pipeline:
         return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
 
     # --- pieces -----------------------------------------------------------------------------
-    def _network(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The model's output for x_t at times t (B,) given z: input scaling, autocast, denoiser copy."""
-        with autocast(self.device, self.cfg.train.bf16):
-            return self.model.denoise(x, t, z, self.denoiser)
-
     def _denoise_fn(self, z: torch.Tensor, compiled: bool = False):
         """denoise(x, t: float) for the samplers; compiled: through self.network (torch.compile'd
         when the pipeline compiles), else eager (inversion and reconstruction, run once per call)."""
-        net = self.network if compiled else self._network
+        net = self.network if compiled else self.eager_network
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
             return net(x, torch.full((x.shape[0],), t, device=x.device), z)
