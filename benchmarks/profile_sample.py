@@ -27,6 +27,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write_result  # noqa: E402
 from diffae.config import get_preset  # noqa: E402
+from diffae.engine.bench import _timer  # noqa: E402
 from diffae.engine.pipeline import Pipeline, sampling_network  # noqa: E402
 from diffae.nn.autoencoder import DiffusionAutoencoder  # noqa: E402
 
@@ -57,18 +58,6 @@ def build(preset: str, img: int, channels: int, variant: str, device) -> Pipelin
     elif variant == "autotune":  # Inductor's GEMM autotuning (Triton templates beside cuBLAS)
         pipe.network = torch.compile(pipe.eager_network, dynamic=False, options={"max_autotune": True})
     return pipe
-
-
-def latency_ms(fn, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def profile(fn, reps: int) -> dict:
@@ -126,7 +115,7 @@ def main() -> None:
             first = run()  # compiles and captures
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            ms = latency_ms(run, a.reps)
+            ms = _timer(device)(run, a.reps)
             prof = profile(run, a.profiled)
             rec = {"variant": variant, "batch": n, "steps": a.steps, "sampler": a.sampler, "ms": round(ms, 3),
                    "img_per_s": round(n / ms * 1e3, 1), "first_call_s": round(first_s, 2),
