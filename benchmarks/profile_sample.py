@@ -4,7 +4,9 @@
 
 For each batch, the whole compiled sampling loop is captured in one CUDA graph (as
 `diffae sample --compile --cuda-graph` runs it) in these variants, built from the same weights:
-  copy      the pipeline's denoiser: `DiT.inference_copy`, bf16 weights, one stacked AdaLN GEMM
+  copy      the pipeline's denoiser: `DiT.inference_copy`, bf16 weights, one stacked AdaLN GEMM,
+            every step's conditioning computed in one batch before the loop
+  stepwise  copy, with each step computing its own conditioning (how it ran before that batching)
   autocast  the training module itself: fp32 weights that autocast casts on every call, and one
             AdaLN GEMM per block (how sampling ran before the inference copy)
   autotune  copy, compiled with Inductor's max_autotune (GEMMs tuned over Triton templates and
@@ -19,6 +21,7 @@ import argparse
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,11 +56,19 @@ def build(preset: str, img: int, channels: int, variant: str, device) -> Pipelin
         for w in model.parameters():
             w.add_(0.02 * torch.randn_like(w))
     pipe = Pipeline(model, None, compile=True, cuda_graph=True)
-    if variant == "autocast":  # before any capture: the graphs are built from this net
-        pipe.network = torch.compile(sampling_network(model, model.denoiser), dynamic=False)
+    if variant == "autocast":  # before any capture: the graphs are built from these
+        condition, network = sampling_network(model, model.denoiser)
+        pipe.condition, pipe.network = (torch.compile(f, dynamic=False) for f in (condition, network))
     elif variant == "autotune":  # Inductor's GEMM autotuning (Triton templates beside cuBLAS)
-        pipe.network = torch.compile(pipe.eager_network, dynamic=False, options={"max_autotune": True})
+        pipe.condition, pipe.network = (torch.compile(f, dynamic=False, options={"max_autotune": True})
+                                        for f in (pipe.eager_condition, pipe.eager_network))
+    elif variant == "stepwise":  # no schedule handed over: each step conditions itself
+        pipe._denoise_fn = partial(_stepwise, pipe._denoise_fn)
     return pipe
+
+
+def _stepwise(denoise_fn, z, compiled=False, points=None):
+    return denoise_fn(z, compiled)
 
 
 def profile(fn, reps: int) -> dict:
@@ -94,7 +105,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--variants", nargs="+", default=["copy", "autocast"], choices=["copy", "autocast", "autotune"])
+    p.add_argument("--variants", nargs="+", default=["copy", "autocast"], choices=["copy", "stepwise", "autocast", "autotune"])
     p.add_argument("--reps", type=int, default=30, help="timed replays")
     p.add_argument("--profiled", type=int, default=3, help="replays under the profiler")
     p.add_argument("--results", default=None, help="JSON folder (default benchmarks/results)")

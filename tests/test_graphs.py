@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from diffae.config import get_preset
+from diffae.diffusion import samplers
 from diffae.engine.graphs import BUCKETS, bucket_for
 from diffae.engine.pipeline import Pipeline
 from diffae.errors import ConfigError
@@ -31,6 +32,25 @@ def test_same_seed_same_images_eager():
     b = pipe.sample(3, steps=3, sampler="ddpm", seed=5, prior_steps=3)
     c = pipe.sample(3, steps=3, sampler="ddpm", seed=6, prior_steps=3)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun", "dpmpp2m"])
+def test_conditioning_computed_before_the_loop_gives_the_stepwise_images(sampler):
+    """The pipeline conditions every step of a schedule in one call before the loop (heun's second
+    evaluations included); the images must be those of conditioning step by step."""
+    pipe = _pipe("cpu")
+    calls = []
+    condition = pipe.eager_condition
+    pipe.eager_condition = lambda t, z: calls.append(t.shape[0]) or condition(t, z)
+    process, steps = pipe.model.process, 4
+    z = torch.randn(2, pipe.cfg.encoder.z_dim)
+    m = pipe.cfg.model
+    x = torch.randn(2, m.channels, m.img_size, m.img_size)
+    points = samplers.schedule(process, steps)
+    batched = samplers.sample(pipe._denoise_fn(z, points=points), x, process, steps, sampler, points=points)
+    assert calls == [2 * steps]  # one call for the whole schedule, none inside the loop
+    stepwise = samplers.sample(pipe._denoise_fn(z), x, process, steps, sampler)
+    torch.testing.assert_close(batched, stepwise, rtol=1e-4, atol=1e-4)  # GEMM blocking differs with M
 
 
 def test_cuda_graph_needs_cuda():

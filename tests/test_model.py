@@ -110,6 +110,46 @@ def test_inference_copy_gives_the_denoisers_output(micro_cfg, conditioning):
     assert not any(p.requires_grad for p in net.parameters())
 
 
+@pytest.mark.parametrize("conditioning", ["adaln", "scale", "cross-attn"])
+def test_conditioning_of_many_steps_is_each_steps_own(micro_cfg, conditioning):
+    """Sampling conditions all its steps in one batch (DiT.condition over S*B times); each step's
+    share must be what that step alone computes, and give the same output."""
+    cfg = micro_cfg.override([f"model.conditioning={conditioning}"])
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(cfg)
+    _leave_identity_init(model)
+    net = model.denoiser.inference_copy()
+    B, times = 3, [0.9, 0.55, 0.2, 0.05]
+    x, z = _images(cfg, b=B), torch.randn(B, cfg.encoder.z_dim)
+    with torch.no_grad():
+        together = net.condition(torch.cat([torch.full((B,), t) for t in times]), z)
+        assert len(together) == len(times)
+        for t, cond in zip(times, together):
+            tt = torch.full((B,), t)
+            (alone,) = net.condition(tt, z)
+            for a, b in zip(cond.mods, alone.mods):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            assert (cond.kv is None) == (conditioning != "cross-attn")
+            torch.testing.assert_close(model.denoise(x, tt, None, net, cond), model.denoise(x, tt, z),
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="S\\*B"):
+        net.condition(torch.rand(B + 1), z)
+
+
+def test_fold_z_scale_is_the_multiplicative_scale():
+    from diffae.nn.dit import fold_z_scale
+    torch.manual_seed(0)
+    x, mod, zs = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 2, 8)
+    folded = fold_z_scale(mod, zs)
+    ln = torch.nn.functional.layer_norm(x, (8,))
+    for sub in range(2):  # sublayer: rows (shift, scale, gate) at 3 * sub
+        shift, scale, gate = mod[:, 3 * sub:3 * sub + 3].unbind(1)
+        want = (1 + zs[:, sub, None]) * (ln * (1 + scale[:, None]) + shift[:, None])
+        got = ln * (1 + folded[:, 3 * sub + 1, None]) + folded[:, 3 * sub, None]
+        torch.testing.assert_close(got, want)
+        assert torch.equal(folded[:, 3 * sub + 2], gate)  # gates are not scaled
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gelu_epilogue_is_the_tanh_gelu(dtype):

@@ -29,17 +29,23 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def sampling_network(model: DiffusionAutoencoder, denoiser):
-    """network(x_t, t (B,), z): the model's output with `denoiser` (an inference copy) in place of
-    its own: input scaling, autocast and the denoiser, for torch.compile to trace as one region.
-    A closure over the model, not a Pipeline method: a compiled bound method would tie the pipeline
+    """(condition, network) with `denoiser` (an inference copy) in place of the model's own, each
+    under autocast, for torch.compile to trace as one region:
+      condition(t (S*B,), z (B, z_dim)): the conditioning of S steps at once (DiT.condition)
+      network(x_t, t (B,), cond): the model's output, input scaling included, under one step's cond
+    Closures over the model, not Pipeline methods: a compiled bound method would tie the pipeline
     into a reference cycle, left for the garbage collector to free (CUDA graphs included) at any
     moment, even while another pipeline captures."""
     device = next(model.parameters()).device
 
-    def network(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def condition(t: torch.Tensor, z: torch.Tensor):
         with autocast(device, model.cfg.train.bf16):
-            return model.denoise(x, t, z, denoiser)
-    return network
+            return denoiser.condition(t, z)
+
+    def network(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        with autocast(device, model.cfg.train.bf16):
+            return model.denoise(x, t, None, denoiser, cond)
+    return condition, network
 
 
 class Pipeline:
@@ -57,8 +63,14 @@ class Pipeline:
         # sampling runs a frozen copy of the denoiser: weights pre-cast to the autocast dtype, AdaLN
         # projections stacked (DiT.inference_copy), so few-step loops skip a cast of every weight
         bf16 = self.device.type == "cuda" and self.cfg.train.bf16  # when autocast runs, see sampling_network
-        self.eager_network = sampling_network(model, model.denoiser.inference_copy(torch.bfloat16 if bf16 else None))
-        # compiled whole, so the input scaling fuses into the network's kernels
+        self.eager_condition, self.eager_network = sampling_network(
+            model, model.denoiser.inference_copy(torch.bfloat16 if bf16 else None))
+        # compiled whole, so the input scaling fuses into the network's kernels; once per batch
+        # bucket and step count (dynamic=False), more than dynamo's default limit of 8 recompiles,
+        # past which it would fall back to eager without a word
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.condition = torch.compile(self.eager_condition, dynamic=False) if compile else self.eager_condition
         self.network = torch.compile(self.eager_network, dynamic=False) if compile else self.eager_network
         self.prior_net = None if prior is None else (torch.compile(prior, dynamic=False) if compile else prior)
         self.graphs = GraphCache(self._run) if cuda_graph else None
@@ -83,13 +95,26 @@ class Pipeline:
         return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
 
     # --- pieces -----------------------------------------------------------------------------
-    def _denoise_fn(self, z: torch.Tensor, compiled: bool = False):
-        """denoise(x, t: float) for the samplers; compiled: through self.network (torch.compile'd
-        when the pipeline compiles), else eager (inversion and reconstruction, run once per call)."""
-        net = self.network if compiled else self.eager_network
+    def _denoise_fn(self, z: torch.Tensor, compiled: bool = False, points=None):
+        """denoise(x, t: float) for the samplers; compiled: through the compiled network (when the
+        pipeline compiles), else eager (inversion and reconstruction, run once per call).
+        points: the schedule the sampler runs (samplers.schedule); the conditioning at its times is
+        computed up front, all steps in one batch, and any other t's when asked for."""
+        condition, net = (self.condition, self.network) if compiled else (self.eager_condition, self.eager_network)
+        B = z.shape[0]
+        ts = [] if points is None else [p[0] for p in points[:-1]]  # the last point is never evaluated
+        steps = {}
+        if ts:
+            t_all = torch.cat([torch.full((B,), t, device=z.device) for t in ts])
+            steps = dict(zip(ts, zip(t_all.view(len(ts), B).unbind(0), condition(t_all, z))))
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
-            return net(x, torch.full((x.shape[0],), t, device=x.device), z)
+            if t in steps:
+                tt, cond = steps[t]
+            else:
+                tt = torch.full((B,), t, device=z.device)
+                cond = condition(tt, z)[0]
+            return net(x, tt, cond)
         return denoise
 
     def _noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,8 +149,9 @@ class Pipeline:
         """The whole generation, from pre-drawn randomness to images; no host syncs (graph-capturable)."""
         z = inputs["z"] if "z" in inputs else self._prior_sample(inputs["zs"], prior_steps)
         noises = list(inputs["noises"].unbind(0)) if "noises" in inputs else None
-        x = samplers.sample(self._denoise_fn(z, compiled=True), inputs["x"], self.model.process, steps, sampler,
-                            self.model.sampling_prediction, eta=eta, noises=noises)
+        points = samplers.schedule(self.model.process, steps)
+        x = samplers.sample(self._denoise_fn(z, compiled=True, points=points), inputs["x"], self.model.process,
+                            steps, sampler, self.model.sampling_prediction, eta=eta, points=points, noises=noises)
         return x.clamp(-1, 1)
 
     # --- public -----------------------------------------------------------------------------

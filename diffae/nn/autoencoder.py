@@ -69,12 +69,16 @@ class DiffusionAutoencoder(nn.Module):
             t = torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device)
         return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample, noise=noise)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, net=None) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, net=None,
+                cond=None) -> torch.Tensor:
         """Network output for x_t at times t (B,) given z; input scaling for the process applied.
-        `net` replaces the denoiser module (a torch.compile'd copy, for inference)."""
+        `net` replaces the denoiser module (an inference copy); `cond`, its conditioning at t for z
+        (DiT.condition, computed once per sampling loop), replaces z."""
         alpha, sigma = self.process.alpha_sigma(t)
         scale = self.process.input_scale(alpha, sigma).view(-1, 1, 1, 1)
-        return (self.denoiser if net is None else net)(x_t * scale.to(x_t.dtype), t, z)
+        dit = self.denoiser if net is None else net
+        x = x_t * scale.to(x_t.dtype)
+        return dit(x, t, z) if cond is None else dit.run(x, cond)
 
     @property
     def sampling_prediction(self) -> str:

@@ -2,14 +2,31 @@
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..config import ModelConfig
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, gemm_dtype, run_block
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, modulated_input, run_block
+
+
+class Conditioning(NamedTuple):
+    """One step's inputs to the blocks besides the tokens (DiT.condition)."""
+    mods: list[torch.Tensor]        # per block (B, 6*dim) AdaLN-Zero modulation, z's scales folded
+                                    # in; then the final layer's (B, 2*dim); each starts with (shift, scale)
+    kv: list[torch.Tensor] | None   # per block (B, M, 2, H, D): keys and values of z's tokens (cross-attn)
+
+
+def fold_z_scale(mod: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """DiffAE's (1 + zs) * (LN(x) (1 + scale) + shift) as a plain AdaLN modulation:
+    shift' = shift (1 + zs), scale' = scale (1 + zs) + zs, so the fused op is unchanged.
+    mod (..., 6, C) is (shift, scale, gate) of both sublayers, zs (..., 2, C) their z scales."""
+    m = mod.unflatten(-2, (2, 3))  # (..., sublayer, [shift, scale, gate], C)
+    z = zs.unsqueeze(-2)  # (..., sublayer, 1, C)
+    shift_scale = m[..., :2, :] * (1 + z) + torch.cat([torch.zeros_like(z), z], -2)
+    return torch.cat([shift_scale, m[..., 2:, :]], -2).flatten(-3, -2)
 
 
 class DiT(nn.Module):
@@ -43,32 +60,50 @@ class DiT(nn.Module):
         self.stacked_ada: nn.Linear | None = None  # inference copies only: see inference_copy
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        c = self.t_embed(t)  # (B, dim)
-        h = self.x_embed(x)  # (B, N, dim)
-        z_scales = z_tokens = None
-        if self.z_proj is not None:
-            c = c + self.z_proj(z)
-        elif self.z_scale is not None:
-            z_scales = self.z_scale(z).chunk(self.cfg.depth, -1)  # depth x (B, 2*dim)
-        else:
-            z_tokens = self.z_tokens(z).view(B, self.cfg.z_tokens, self.cfg.dim)
-        *mods, final = self.modulations(c)
-        for i, (block, mod) in enumerate(zip(self.blocks, mods)):
-            h = run_block(block, self.cfg.activation_checkpointing, h, mod,
-                          None if z_scales is None else z_scales[i], z_tokens)
-        shift, scale = final.chunk(2, -1)
-        h = self.out(ops.adaln_modulate(h, shift, scale, out_dtype=gemm_dtype(h)))  # (B, N, p*p*C)
-        return self.unpatchify(h)
+        return self.run(x, self.condition(t, z)[0])
 
-    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """Every block's AdaLN-Zero modulation (B, 6*dim), then the final layer's (B, 2*dim).
-        They all read silu(c), so an inference copy stacks their weights into one GEMM."""
-        s = F.silu(c)
+    def run(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser on x (B, C, H, W) under one step's conditioning (see condition)."""
+        mods, kv = cond
+        r = self.x_embed(x)  # (B, N, dim): the residual stream
+        h = modulated_input(r, mods[0])
+        for i, block in enumerate(self.blocks):  # each block hands the next its modulated input
+            r, h = run_block(block, self.cfg.activation_checkpointing, r, h, mods[i], mods[i + 1],
+                             None if kv is None else kv[i])
+        return self.unpatchify(self.out(h))  # h: the final layer's modulated input (B, N, p*p*C)
+
+    def condition(self, t: torch.Tensor, z: torch.Tensor) -> list[Conditioning]:
+        """What the blocks read besides the tokens, for S steps at once: t (S*B,) holds the S steps'
+        times for the B latents z (B, z_dim), step-major (S = 1 in training).  One Conditioning per step.
+
+        Independent of x_t, so a sampler computes every step's before its loop: the stacked AdaLN
+        GEMM then reads its weights (half of the model) once per loop, not once per step.
+        """
+        cfg, B = self.cfg, z.shape[0]
+        if t.dim() != 1 or t.shape[0] % B:
+            raise ValueError(f"t must be (S*B,) for z of batch {B}, got shape {tuple(t.shape)}")
+        S, dim, depth = t.shape[0] // B, cfg.dim, cfg.depth
+        c = self.t_embed(t)  # (S*B, dim)
+        if self.z_proj is not None:
+            c = c + self.z_proj(z).repeat(S, 1)
+        m = F.linear(F.silu(c), *self._stacked_ada_params())
+        blocks = m[:, :depth * 6 * dim].view(S, B, depth, 6, dim)
+        final = m[:, depth * 6 * dim:].view(S, B, 2 * dim)
+        if self.z_scale is not None:
+            blocks = fold_z_scale(blocks, self.z_scale(z).view(1, B, depth, 2, dim))
+        kv = None
+        if self.z_tokens is not None:
+            tokens = self.z_tokens(z).view(B, cfg.z_tokens, dim)
+            kv = [block.kv(tokens).view(B, cfg.z_tokens, 2, cfg.heads, dim // cfg.heads) for block in self.blocks]
+        return [Conditioning([*blocks[s].flatten(-2).unbind(1), final[s]], kv) for s in range(S)]
+
+    def _stacked_ada_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of every block's AdaLN projection and the final layer's, stacked: they
+        all read silu(c), so they run as one GEMM.  Inference copies store the stack."""
         if self.stacked_ada is not None:
-            dim = self.cfg.dim
-            return list(self.stacked_ada(s).split([6 * dim] * len(self.blocks) + [2 * dim], -1))
-        return [block.ada(s) for block in self.blocks] + [self.final_ada(s)]
+            return self.stacked_ada.weight, self.stacked_ada.bias
+        layers = [b.ada for b in self.blocks] + [self.final_ada]
+        return torch.cat([l.weight for l in layers]), torch.cat([l.bias for l in layers])
 
     @torch.no_grad()
     def inference_copy(self, weight_dtype: torch.dtype | None = None) -> "DiT":
@@ -82,11 +117,10 @@ class DiT(nn.Module):
         each MLP's GELU becomes its first GEMM's epilogue.
         """
         net = copy.deepcopy(self).eval().requires_grad_(False)
-        layers = [b.ada for b in net.blocks] + [net.final_ada]
-        stacked = nn.Linear(self.cfg.dim, sum(l.out_features for l in layers),
-                            device=self.final_ada.weight.device)
-        stacked.weight.copy_(torch.cat([l.weight for l in layers]))
-        stacked.bias.copy_(torch.cat([l.bias for l in layers]))
+        weight, bias = net._stacked_ada_params()
+        stacked = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+        stacked.weight.copy_(weight)
+        stacked.bias.copy_(bias)
         net.stacked_ada = stacked.requires_grad_(False)
         for block in net.blocks:  # the stacked copy is the only one left, so none can go stale
             block.ada = None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import EncoderConfig, ModelConfig
 from .latent import Latent, make_latent_head
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_block
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, modulated_input, run_block
 
 
 class Encoder(nn.Module):
@@ -41,8 +41,10 @@ class Encoder(nn.Module):
             c = self.t_embed(t)
         else:
             c = self.const.expand(B, -1)
-        h = self.x_embed(x0)
         s = F.silu(c)
-        for block in self.blocks:
-            h = run_block(block, self.checkpointing, h, block.ada(s))
-        return self.head(self.norm(h.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent
+        mods = [block.ada(s) for block in self.blocks] + [None]
+        r = self.x_embed(x0)  # the residual stream
+        h = modulated_input(r, mods[0])
+        for i, block in enumerate(self.blocks):  # each block hands the next its modulated input
+            r, h = run_block(block, self.checkpointing, r, h, mods[i], mods[i + 1])
+        return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent  # pooled (B, dim) -> Latent

@@ -91,15 +91,23 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def modulated_input(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    """adaln_modulate(x) with the (shift, scale) that start `mod` (B, >= 2C): the first sublayer's
+    input, in the GEMM's dtype.  Every later one comes out of the previous sublayer's residual op."""
+    C = x.shape[-1]
+    return ops.adaln_modulate(x, mod[:, :C], mod[:, C:2 * C], out_dtype=gemm_dtype(x))
+
+
 class AdaLNBlock(nn.Module):
     """Transformer block with AdaLN-Zero: shift, scale and gate of both sublayers come from
     `mod` = ada(silu(c)) (B, 6*dim), c the conditioning vector; the gates start at zero so every
-    block starts as identity.  The DiT computes `mod` for all blocks (`DiT.modulations`), so that
-    sampling can run every block's projection as one GEMM.
+    block starts as identity.  The caller computes every block's `mod` (`DiT.condition`, which
+    runs all blocks' projections as one GEMM and folds DiffAE's z scales into them).
 
-    z_scale (B, 2*dim), when given, multiplies each sublayer's modulated input by (1 + z_scale)
-    (DiffAE-style conditioning); it is folded into shift and scale, so the fused op is unchanged.
-    kv_extra (B, M, dim) are extra tokens every query also attends to (cross-attention on z).
+    Each residual update is fused with the LayerNorm + modulate of the sublayer after it, the next
+    block's included: a block takes its first sublayer's input h from its caller and returns the
+    next block's, one pass over the activations per sublayer.
+    kv_extra (B, M, 2, H, D) are keys/values of extra tokens every query also attends to (cross-attention on z).
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
@@ -112,19 +120,17 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, mod, z_scale=None, z_tokens=None):
-        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, -1)  # each (B, C)
-        if z_scale is not None:
-            zs1, zs2 = z_scale.chunk(2, -1)
-            sh1, sc1 = sh1 * (1 + zs1), (1 + sc1) * (1 + zs1) - 1
-            sh2, sc2 = sh2 * (1 + zs2), (1 + sc2) * (1 + zs2) - 1
-        kv_extra = None
-        if z_tokens is not None:
-            B, M, C = z_tokens.shape
-            a = self.attn
-            kv_extra = self.kv(z_tokens).view(B, M, 2, a.heads, a.head_dim)
+    def forward(self, x, h, mod, next_mod=None, kv_extra=None):
+        """x: the residual stream (B, N, C); h: modulated_input(x, mod); next_mod: the modulation
+        whose leading (shift, scale) the next block (or final layer) applies, None if nothing follows.
+        Returns (x, the next input h, or None without next_mod)."""
+        C = x.shape[-1]
+        gate1, shift2, scale2, gate2 = mod[:, 2 * C:].chunk(4, -1)  # each (B, C)
         # the sublayers' inputs come out of the ops in the GEMMs' dtype, and their outputs go in at
         # their own (autocast) dtype, upcast in registers: no cast pass over the activations
-        h = ops.adaln_modulate(x, sh1, sc1, out_dtype=gemm_dtype(x))
-        x, h = ops.gated_residual_adaln(x, g1, self.attn(h, kv_extra), sh2, sc2, out_dtype=gemm_dtype(x))
-        return ops.gated_residual(x, g2, self.mlp(h))
+        out_dtype = gemm_dtype(x)
+        x, h = ops.gated_residual_adaln(x, gate1, self.attn(h, kv_extra), shift2, scale2, out_dtype=out_dtype)
+        y = self.mlp(h)
+        if next_mod is None:
+            return ops.gated_residual(x, gate2, y), None
+        return ops.gated_residual_adaln(x, gate2, y, next_mod[:, :C], next_mod[:, C:2 * C], out_dtype=out_dtype)
