@@ -62,7 +62,7 @@ case "${1:-train}" in
         --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
     done | tee "$OUT/bench-sample.log"
     yardstick_sample
-    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
+    for f in tests/test_linear.py tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
       timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
         | tail -12 | sed "s|^|$f: |"
     done 2>&1 | tee "$OUT/gpu_tests.log"
