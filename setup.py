@@ -21,19 +21,6 @@ def _max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 4))))
 
 
-def _find_cublaslt_header(cuda_home: str) -> str | None:
-    """The include directory holding cublasLt.h: the CUDA toolkit's, or the nvidia pip wheels' that
-    torch's CUDA builds install."""
-    dirs = [os.path.join(cuda_home, "include")]
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            dirs += sorted(os.path.dirname(h) for h in glob.glob(os.path.join(root, "**", "cublasLt.h"), recursive=True))
-    except ImportError:
-        pass
-    return next((d for d in dirs if os.path.isfile(os.path.join(d, "cublasLt.h"))), None)
-
-
 def _extensions():
     if os.environ.get("DIFFAE_NO_EXT") == "1":
         return [], {}
@@ -48,15 +35,7 @@ def _extensions():
     cxx = ["-O3", "-std=c++17"]
     if torch.version.cuda and CUDA_HOME:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-        cuda_sources, include_dirs = sorted(glob.glob("csrc/*.cu")), []
-        lt_header = _find_cublaslt_header(CUDA_HOME)
-        if lt_header:
-            include_dirs.append(lt_header)
-        else:  # the tuned-GEMM op is optional; sampling falls back to torch's GEMMs
-            print("diffae: cublasLt.h not found: building without diffae::lt_linear", file=sys.stderr)
-            cuda_sources.remove("csrc/lt_linear_cuda.cu")
-        # cuBLASLt's symbols are not linked: torch loads its CUDA libraries globally before the extension
-        ext = CUDAExtension("diffae._C", sources + cuda_sources, include_dirs=include_dirs,
+        ext = CUDAExtension("diffae._C", sources + sorted(glob.glob("csrc/*.cu")),
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]})
     else:
         ext = CppExtension("diffae._C", sources, extra_compile_args={"cxx": cxx})

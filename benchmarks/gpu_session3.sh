@@ -10,8 +10,6 @@
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
 #          (MINUTES of training, default 3.5; EVAL_MINUTES, default 3; ARGS go to method_suite.py, e.g.
 #          MINUTES=5.5 ... methods --presets mldae --set train.compile=true: one preset, compiled)
-#   bash benchmarks/gpu_session3.sh gemm   # few-token GEMMs, cuBLAS against Triton tiles (bench_small_gemm.py),
-#                                          # then the measure stage's training throughput
 #   bash benchmarks/gpu_session3.sh sample # `diffae bench sample` in two processes (cold, then reusing the
 #                                          # compile caches); the yardstick's sampling; GPU tests of sampling
 #                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
@@ -50,10 +48,6 @@ case "${1:-train}" in
       | tee "$OUT/train-b.log"
     timeout "$(left 570)" python3 benchmarks/profile_train.py $B --out /tmp/prof --rows 30 > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -36 ;;
-  gemm)
-    timeout 240 python3 benchmarks/bench_small_gemm.py --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/small-gemm.log"
-    timeout "$(left 570)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
-      | tee "$OUT/train-b.log" ;;
   sample)
     # `diffae bench sample` first, in two processes: the first on cold compile caches (its first call
     # is the cold compile + capture), the second reusing them
@@ -62,7 +56,7 @@ case "${1:-train}" in
         --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
     done | tee "$OUT/bench-sample.log"
     yardstick_sample
-    for f in tests/test_linear.py tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
+    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
       timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
         | tail -12 | sed "s|^|$f: |"
     done 2>&1 | tee "$OUT/gpu_tests.log"

@@ -64,14 +64,13 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.q_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(self.head_dim)) if qk_norm else None
-        self.inference_gemms = False  # see Mlp
 
     def forward(self, x: torch.Tensor, kv_extra: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = project(self.qkv, x, self.inference_gemms).view(B, N, 3, self.heads, self.head_dim)  # packed, no permute
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # packed, no permute
         if kv_extra is not None:
             kv_extra = kv_extra.to(qkv.dtype)
-        return project(self.proj, ops.attention(qkv, self.q_norm, self.k_norm, kv_extra), self.inference_gemms)
+        return self.proj(ops.attention(qkv, self.q_norm, self.k_norm, kv_extra))
 
 
 class Mlp(nn.Module):
@@ -79,21 +78,17 @@ class Mlp(nn.Module):
         super().__init__()
         hidden = int(dim * ratio)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        # inference copies (DiT.inference_copy) set it: the GEMMs go through ops.linear, which on
-        # CUDA runs each with its fastest cuBLASLt algorithm and the tanh GELU as fc1's epilogue
-        # (a kernel and a pass over the hidden activations spared).  It has no backward: training
-        # keeps nn.Linear
-        self.inference_gemms = False
+        # inference copies (DiT.inference_copy) set it: on CUDA the tanh GELU runs as fc1's cuBLASLt
+        # epilogue, sparing a kernel and a pass over the hidden activations.  Not on the CPU, whose
+        # _addmm_activation computes the erf GELU; and it has no backward, so training keeps the plain path
+        self.gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inference_gemms:
-            return ops.linear(ops.linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
+        if self.gelu_epilogue and x.is_cuda:
+            w = self.fc1.weight
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]).to(w.dtype), w.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-def project(layer: nn.Linear, x: torch.Tensor, inference: bool) -> torch.Tensor:
-    """layer(x); through ops.linear in inference copies (see Mlp)."""
-    return ops.linear(x, layer.weight, layer.bias) if inference else layer(x)
 
 
 def modulated_input(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:

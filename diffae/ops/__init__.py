@@ -6,8 +6,7 @@ extension, Triton, PyTorch reference) and falls back with a logged reason.
 from ._backend import report as backend_report, set_backend
 from .adaln import adaln_modulate, gated_residual, gated_residual_adaln
 from .attention import attention
-from .linear import linear
 from .sampler_step import sampler_step
 
-__all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "attention", "linear", "sampler_step",
+__all__ = ["adaln_modulate", "gated_residual", "gated_residual_adaln", "attention", "sampler_step",
            "backend_report", "set_backend"]
