@@ -103,14 +103,14 @@ class Pipeline:
         condition, net = (self.condition, self.network) if compiled else (self.eager_condition, self.eager_network)
         B = z.shape[0]
         ts = [] if points is None else [p[0] for p in points[:-1]]  # the last point is never evaluated
-        steps = {}
+        ready = {}  # t -> (t as a (B,) tensor, its Conditioning)
         if ts:
             t_all = torch.cat([torch.full((B,), t, device=z.device) for t in ts])
-            steps = dict(zip(ts, zip(t_all.view(len(ts), B).unbind(0), condition(t_all, z))))
+            ready = dict(zip(ts, zip(t_all.view(len(ts), B).unbind(0), condition(t_all, z))))
 
         def denoise(x: torch.Tensor, t: float) -> torch.Tensor:
-            if t in steps:
-                tt, cond = steps[t]
+            if t in ready:
+                tt, cond = ready[t]
             else:
                 tt = torch.full((B,), t, device=z.device)
                 cond = condition(tt, z)[0]

@@ -47,4 +47,4 @@ class Encoder(nn.Module):
         h = modulated_input(r, mods[0])
         for i, block in enumerate(self.blocks):  # each block hands the next its modulated input
             r, h = run_block(block, self.checkpointing, r, h, mods[i], mods[i + 1])
-        return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent  # pooled (B, dim) -> Latent
+        return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent
