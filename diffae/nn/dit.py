@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, modulated_input, run_block
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_blocks
 
 
 class Conditioning(NamedTuple):
@@ -64,12 +64,7 @@ class DiT(nn.Module):
 
     def run(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The denoiser on x (B, C, H, W) under one step's conditioning (see condition)."""
-        mods, kv = cond
-        r = self.x_embed(x)  # (B, N, dim): the residual stream
-        h = modulated_input(r, mods[0])
-        for i, block in enumerate(self.blocks):  # each block hands the next its modulated input
-            r, h = run_block(block, self.cfg.activation_checkpointing, r, h, mods[i], mods[i + 1],
-                             None if kv is None else kv[i])
+        _, h = run_blocks(self.blocks, self.cfg.activation_checkpointing, self.x_embed(x), *cond)
         return self.unpatchify(self.out(h))  # h: the final layer's modulated input (B, N, p*p*C)
 
     def condition(self, t: torch.Tensor, z: torch.Tensor) -> list[Conditioning]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import EncoderConfig, ModelConfig
 from .latent import Latent, make_latent_head
-from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, modulated_input, run_block
+from .layers import AdaLNBlock, PatchEmbed, TimestepEmbedding, run_blocks
 
 
 class Encoder(nn.Module):
@@ -42,9 +42,6 @@ class Encoder(nn.Module):
         else:
             c = self.const.expand(B, -1)
         s = F.silu(c)
-        mods = [block.ada(s) for block in self.blocks] + [None]
-        r = self.x_embed(x0)  # the residual stream
-        h = modulated_input(r, mods[0])
-        for i, block in enumerate(self.blocks):  # each block hands the next its modulated input
-            r, h = run_block(block, self.checkpointing, r, h, mods[i], mods[i + 1])
+        mods = [block.ada(s) for block in self.blocks] + [None]  # nothing follows the last block
+        r, _ = run_blocks(self.blocks, self.checkpointing, self.x_embed(x0), mods)
         return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent

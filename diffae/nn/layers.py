@@ -91,11 +91,19 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def modulated_input(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-    """adaln_modulate(x) with the (shift, scale) that start `mod` (B, >= 2C): the first sublayer's
-    input, in the GEMM's dtype.  Every later one comes out of the previous sublayer's residual op."""
-    C = x.shape[-1]
-    return ops.adaln_modulate(x, mod[:, :C], mod[:, C:2 * C], out_dtype=gemm_dtype(x))
+def shift_scale(mod: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (shift, scale) that start every modulation: a block's (B, 6C) and the final layer's (B, 2C)."""
+    return mod[:, :C], mod[:, C:2 * C]
+
+
+def run_blocks(blocks, checkpointed: bool, x: torch.Tensor, mods: list, kv: list | None = None):
+    """x through AdaLN blocks, mods[i] modulating block i and mods[len(blocks)] (None if nothing
+    follows) the input it hands on.  Only the first input is modulated here: every later one comes
+    out of the previous block's last residual op.  Returns (the residual stream, that last input)."""
+    h = ops.adaln_modulate(x, *shift_scale(mods[0], x.shape[-1]), out_dtype=gemm_dtype(x))
+    for i, block in enumerate(blocks):
+        x, h = run_block(block, checkpointed, x, h, mods[i], mods[i + 1], None if kv is None else kv[i])
+    return x, h
 
 
 class AdaLNBlock(nn.Module):
@@ -121,7 +129,7 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada.bias)
 
     def forward(self, x, h, mod, next_mod=None, kv_extra=None):
-        """x: the residual stream (B, N, C); h: modulated_input(x, mod); next_mod: the modulation
+        """x: the residual stream (B, N, C); h: x's LayerNorm modulated by mod; next_mod: the modulation
         whose leading (shift, scale) the next block (or final layer) applies, None if nothing follows.
         Returns (x, the next input h, or None without next_mod)."""
         C = x.shape[-1]
@@ -133,4 +141,4 @@ class AdaLNBlock(nn.Module):
         y = self.mlp(h)
         if next_mod is None:
             return ops.gated_residual(x, gate2, y), None
-        return ops.gated_residual_adaln(x, gate2, y, next_mod[:, :C], next_mod[:, C:2 * C], out_dtype=out_dtype)
+        return ops.gated_residual_adaln(x, gate2, y, *shift_scale(next_mod, C), out_dtype=out_dtype)
