@@ -58,6 +58,25 @@ def test_z_changes_the_output(micro_cfg):
         assert (model.denoise(x, t, z) - model.denoise(x, t, z + 1)).abs().max() > 1e-4
 
 
+def test_static_encoder_reads_checkpoints_of_the_constant_and_projection_layout(micro_cfg):
+    # diffae <= 0.1.0 stored a static encoder's modulations as W silu(const) + b per block
+    model = DiffusionAutoencoder(micro_cfg)
+    assert all(block.ada is None for block in model.encoder.blocks)
+    old = {k: v for k, v in model.state_dict().items() if k != "encoder.mods"}
+    g = torch.Generator().manual_seed(3)
+    dim, depth = micro_cfg.encoder.dim, micro_cfg.encoder.depth
+    old["encoder.const"] = torch.randn(dim, generator=g)
+    for i in range(depth):
+        old[f"encoder.blocks.{i}.ada.weight"] = torch.randn(6 * dim, dim, generator=g)
+        old[f"encoder.blocks.{i}.ada.bias"] = torch.randn(6 * dim, generator=g)
+    fresh = DiffusionAutoencoder(micro_cfg)
+    fresh.load_state_dict(old)
+    s = torch.nn.functional.silu(old["encoder.const"])
+    for i in range(depth):
+        want = old[f"encoder.blocks.{i}.ada.weight"] @ s + old[f"encoder.blocks.{i}.ada.bias"]
+        torch.testing.assert_close(fresh.encoder.mods[i], want)
+
+
 def test_seeded_loss_is_deterministic(micro_cfg):
     def run():
         torch.manual_seed(123)

@@ -12,8 +12,9 @@ timestep features, patch p, image channels c, z of Z dims:
              each block    ada C 6C;  qkv N C 3C;  QK^T N (N+M) C;  PV N (N+M) C;  out-proj N C^2;
                            MLP 2 N C H;  cross-attn keys/values M C 2C
              final layer   ada C 2C;  out N C (c p^2)
-  encoder    the same blocks without extra tokens (its own N, C, L); patch embed; a timestep MLP
-             for a time-dependent encoder; the latent head C Z (2 C Z for a Gaussian code)
+  encoder    the same blocks without extra tokens (its own N, C, L), and without the ada projection
+             when static (its modulations are parameters); patch embed; a timestep MLP for a
+             time-dependent encoder; the latent head C Z (2 C Z for a Gaussian code)
 
 Not counted (as in the usual MFU convention, and as torch.utils.flop_counter does not count
 them either): normalisations, softmax, activations, modulations, residuals, the loss, the
@@ -30,9 +31,9 @@ from ..config import Config
 TIMESTEP_FEATURES = 256  # diffae.nn.layers.TimestepEmbedding's sinusoidal features
 
 
-def _block_macs(tokens: int, dim: int, hidden: int, extra: int = 0) -> int:
+def _block_macs(tokens: int, dim: int, hidden: int, extra: int = 0, projected_mods: bool = True) -> int:
     n, c = tokens, dim
-    return (c * 6 * c                # AdaLN-Zero modulation, once per image
+    return (c * 6 * c * projected_mods  # AdaLN-Zero modulation, once per image
             + n * c * 3 * c          # qkv projection
             + 2 * n * (n + extra) * c  # QK^T and PV over all heads
             + n * c * c              # out-projection
@@ -57,7 +58,8 @@ def forward_macs(cfg: Config) -> dict[str, int]:
     head = ce * e.z_dim * (2 if e.latent == "gaussian" else 1)
     encoder = (ne * m.channels * e.patch ** 2 * ce
                + (F * ce + ce * ce if e.kind == "time" else 0)
-               + e.depth * _block_macs(ne, ce, 4 * ce)  # the encoder's MLP ratio is AdaLNBlock's default, 4
+               # the encoder's MLP ratio is AdaLNBlock's default, 4
+               + e.depth * _block_macs(ne, ce, 4 * ce, projected_mods=e.kind == "time")
                + head)
     return {"denoiser": denoiser, "encoder": encoder}
 

@@ -274,7 +274,11 @@ class Trainer:
                               f"architecture than {self.cfg.preset!r}; resume with the same preset")
         checkpoint.load_model_state(self.model, payload["model"], self.ckpt_path)
         checkpoint.load_model_state(self.ema, payload["ema"], self.ckpt_path, "EMA")
-        self.opt.load_state_dict(payload["optimizer"])
+        try:
+            self.opt.load_state_dict(payload["optimizer"])
+        except ValueError as exc:  # e.g. a checkpoint from a diffae whose model had other parameters
+            raise checkpoint.CheckpointError(f"{self.ckpt_path}: its optimizer state does not fit this model "
+                                             f"({exc}); start a new run from its weights instead") from None
         self.step = int(payload["step"])
         self.saved_step = self.step
         self.sampler.load_state_dict(payload["sampler"])

@@ -2,8 +2,9 @@
 
 Both use the AdaLN-Zero block.  The time-dependent encoder conditions every block on an embedding
 of t (so each image maps to a curve of codes over t, as in DRL and the multi-level DAE); the
-static encoder conditions on a learned constant, which makes its AdaLN a learned affine LayerNorm
-with zero-initialised residual gates.
+static encoder has nothing to condition on, so each block's modulation is itself a learned vector
+(zero-initialised, like the AdaLN-Zero projection it replaces): a learned affine LayerNorm with
+residual gates that start at zero.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ class Encoder(nn.Module):
         self.x_embed = PatchEmbed(model_cfg.channels, cfg.dim, cfg.patch, model_cfg.img_size)
         if self.time_dependent:
             self.t_embed = TimestepEmbedding(cfg.dim)
-        else:
-            self.const = nn.Parameter(torch.randn(cfg.dim) * 0.02)
-        self.blocks = nn.ModuleList(AdaLNBlock(cfg.dim, cfg.heads) for _ in range(cfg.depth))
+        else:  # (depth, 6 * dim): what a projection of a constant would give, without its weights
+            self.mods = nn.Parameter(torch.zeros(cfg.depth, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(AdaLNBlock(cfg.dim, cfg.heads, conditioned=self.time_dependent)
+                                    for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = make_latent_head(cfg.latent, cfg.dim, cfg.z_dim, cfg.l1_weight, cfg.kl_weight)
 
@@ -38,10 +40,21 @@ class Encoder(nn.Module):
         if self.time_dependent:
             if t is None:
                 raise ValueError("a time-dependent encoder needs t")
-            c = self.t_embed(t)
+            s = F.silu(self.t_embed(t))
+            mods = [block.ada(s) for block in self.blocks]
         else:
-            c = self.const.expand(B, -1)
-        s = F.silu(c)
-        mods = [block.ada(s) for block in self.blocks] + [None]  # nothing follows the last block
+            mods = [m.expand(B, -1) for m in self.mods]
+        mods.append(None)  # nothing follows the last block
         r, _ = run_blocks(self.blocks, self.checkpointing, self.x_embed(x0), mods)
         return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of diffae <= 0.1.0 hold a static encoder as a constant c and per-block
+        # projections W, b: its modulations are W silu(c) + b, computed here once.
+        const = state_dict.pop(prefix + "const", None)
+        if const is not None and not self.time_dependent:
+            s = F.silu(const.float())
+            state_dict[prefix + "mods"] = torch.stack([
+                state_dict.pop(f"{prefix}blocks.{i}.ada.weight").float() @ s
+                + state_dict.pop(f"{prefix}blocks.{i}.ada.bias").float() for i in range(len(self.blocks))])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -119,14 +119,16 @@ class AdaLNBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 cross_tokens: bool = False):
+                 cross_tokens: bool = False, conditioned: bool = True):
+        """conditioned=False: no projection of its own; the caller owns the modulations."""
         super().__init__()
         self.attn = Attention(dim, heads, qk_norm)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.ada = nn.Linear(dim, 6 * dim)
+        self.ada = nn.Linear(dim, 6 * dim) if conditioned else None
         self.kv = nn.Linear(dim, 2 * dim) if cross_tokens else None
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
+        if conditioned:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
 
     def forward(self, x, h, mod, next_mod=None, kv_extra=None):
         """x: the residual stream (B, N, C); h: x's LayerNorm modulated by mod; next_mod: the modulation
