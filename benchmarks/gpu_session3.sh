@@ -5,6 +5,9 @@
 #                                          # share of the dae-b step, Triton vs SDPA
 #   bash benchmarks/gpu_session3.sh measure  # the yardstick's sampling, then dae-b's throughput beside the yardstick's
 #   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
+#   bash benchmarks/gpu_session3.sh memory # GPU tests of the AdaLN kernels and the model; dae-b's compiled
+#                                          # step beside the yardstick, then with the attention kernels'
+#                                          # fixed configs; every compile on cold caches
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
@@ -29,6 +32,12 @@ yardstick_sample() {  # the yardstick's 10-step sampling: batch 1 graphed, batch
     timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 2>&1 | tail -1
     timeout 60 python3 .yardstick/plain_dit.py sample --batch 64 --graph 2>&1 | tail -1; } | tee "$OUT/yardstick-sample.txt"
 }
+gpu_tests() {  # the GPU-marked tests of each file; a summary line per file in gpu_tests.log
+  for f in "$@"; do
+    timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
+      | tail -12 | sed "s|^|$f: |"
+  done 2>&1 | tee "$OUT/gpu_tests.log"
+}
 case "${1:-train}" in
   train)
     timeout 420 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
@@ -41,6 +50,13 @@ case "${1:-train}" in
   adaln)
     timeout "$(left 570)" python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
+  memory)
+    gpu_tests tests/test_adaln.py tests/test_model.py tests/test_throughput.py
+    cold() { export TORCHINDUCTOR_CACHE_DIR=/tmp/cold-$1/inductor TRITON_CACHE_DIR=/tmp/cold-$1/triton; }
+    (cold 1; timeout 300 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
+      | tee "$OUT/train-b.log")
+    (cold 2; DIFFAE_ATTN_AUTOTUNE=0 timeout "$(left 580)" python3 benchmarks/bench_train.py throughput $B \
+      --no-yardstick 2>&1 | grep "^{" | tee "$OUT/train-fixed-attn-configs.log") ;;
   final)
     timeout 240 python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -30
@@ -56,10 +72,7 @@ case "${1:-train}" in
         --json "$OUT/bench-sample-$i.json" 2>&1 | grep "^{"
     done | tee "$OUT/bench-sample.log"
     yardstick_sample
-    for f in tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py; do
-      timeout 100 python3 -m pytest "$f" -m gpu -o addopts="" -p no:cacheprovider -q -s 2>&1 | grep "max\|passed\|failed\|Error" \
-        | tail -12 | sed "s|^|$f: |"
-    done 2>&1 | tee "$OUT/gpu_tests.log"
+    gpu_tests tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py
     timeout "$(left 585)" python3 benchmarks/profile_sample.py --batch 1 64 --variants ${VARIANTS:-copy autocast} \
       --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/profile-sample.log" ;;
   methods)

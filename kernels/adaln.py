@@ -11,8 +11,15 @@ fp32 in registers; outputs take x's dtype, gradients their input's dtype.
 
 Backward: the per-sample gradients d(shift), d(scale), d(gate) are sums over tokens.  Each program
 owns a fixed slice of rows of one sample and writes its fp32 partial sums to a (B, S, C) buffer,
-which is then summed over S in a fixed order: deterministic, no atomics.  LayerNorm statistics are
-recomputed in the backward from the rows it reads anyway, so the forward writes nothing extra.
+which is then summed over S in a fixed order: deterministic, no atomics.
+
+What the backward reads of the LayerNorm: by default its input (fp32 in a DiT's residual stream),
+whose statistics it recomputes.  With save_norm the forward also writes the normalised rows x_hat
+in the GEMMs' 16-bit dtype and 1/std per row, and the backward reads those instead: one 16-bit
+tensor kept per sublayer in place of an fp32 one (the residual stream itself then lives only
+until the next sublayer), and no statistics to recompute.  x_hat is normalised, so 16 bits hold
+it to a relative 2^-9 per element whatever the row's mean and scale -- the error of the 16-bit
+GEMM gradients around it.
 
 Layout of this module: kernels, launchers (*_forward / *_backward), torch.library registration
 (namespace diffae_triton, so torch.compile(fullgraph=True) traces the kernels and CUDA graphs
@@ -68,11 +75,11 @@ def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
 
 @triton.jit
 def _adaln_fwd_kernel(
-    X, Y, GATE, SHIFT, SCALE, R, H,
+    X, Y, GATE, SHIFT, SCALE, R, H, XHAT, RSTD,
     N, C, eps,
     sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
     RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
-    SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.
     b = tl.program_id(1).to(tl.int64)
@@ -96,8 +103,12 @@ def _adaln_fwd_kernel(
     rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
     sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
     sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
-    h = xc * rstd[:, None] * (1.0 + sc) + sh
+    xhat = xc * rstd[:, None]
+    h = xhat * (1.0 + sc) + sh
     tl.store(H + out_off, _cast(h, H.dtype.element_ty), mask=mask)
+    if SAVE_NORM:
+        tl.store(XHAT + out_off, _cast(xhat, XHAT.dtype.element_ty), mask=mask)
+        tl.store(RSTD + b * N + rows, rstd, mask=rows < N)
 
 
 @triton.jit
@@ -108,16 +119,17 @@ def _tile(ptr, rows, cols, sn, mask):
 
 @triton.jit
 def _adaln_bwd_kernel(
-    X, Y, GATE, SCALE, DR, DH,
+    X, RSTD, Y, GATE, SCALE, DR, DH,
     DX, DY, DGATE, DSCALE, PSHIFT, PSCALE, PGATE,
     N, C, eps, rows_per_prog, S,
     sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
-    SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, FROM_NORM: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
-    # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r).
+    # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r), or with
+    # FROM_NORM the saved x_hat, with RSTD its rows' 1/std.
     # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
     # PREFETCH issues the loads of tile i + 1 before the row reductions of tile i, so each
     # program keeps two tiles in flight: the loop is otherwise bound by one memory round trip
@@ -126,6 +138,7 @@ def _adaln_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
     X += b * sxb
+    RSTD += b * N
     DH += b * shb
     SCALE += b * scb
     DX += b * N * C
@@ -196,12 +209,16 @@ def _adaln_bwd_kernel(
                     dr_t = _tile(DR, rows, cols, srn, mask)
                 if GATE_TOK:
                     gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
-        xf = x_t.to(tl.float32)
         dh = dh_t.to(tl.float32)
-        mean = tl.sum(xf, axis=1) / C
-        xc = tl.where(mask, xf - mean[:, None], 0.0)
-        rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
-        xhat = xc * rstd[:, None]
+        if FROM_NORM:
+            xhat = x_t.to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+        else:
+            xf = x_t.to(tl.float32)
+            mean = tl.sum(xf, axis=1) / C
+            xc = tl.where(mask, xf - mean[:, None], 0.0)
+            rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
+            xhat = xc * rstd[:, None]
         wdh = dh * (1.0 + sc)
         c1 = tl.sum(xhat * wdh, axis=1) / C
         c2 = tl.sum(wdh, axis=1) / C
@@ -458,13 +475,21 @@ def _sum_partials(partials, dtypes):
     return outs
 
 
-def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None):
+def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_norm=False):
     """h = adaln(x) or, with gate and y, (r, h) = (x + gate * y, adaln(r)).  r is None without.
-    h is written in out_dtype (default x's): the next GEMM's input dtype, so no cast pass follows."""
+    h is written in out_dtype (default x's): the next GEMM's input dtype, so no cast pass follows.
+    Returns (r, h, x_hat, rstd): with save_norm, x_hat (B, N, C) in h's dtype and rstd (B, N)
+    fp32 for the backward (see the module docstring), else empty tensors."""
     B, N, C = x.shape
     residual = gate is not None
     x, shift, scale = _rowmajor(x), _rowmajor(shift), _rowmajor(scale)
     h = torch.empty((B, N, C), device=x.device, dtype=out_dtype or x.dtype)
+    if save_norm:
+        xhat = torch.empty((B, N, C), device=x.device, dtype=h.dtype)
+        rstd = torch.empty((B, N), device=x.device, dtype=torch.float32)
+    else:
+        xhat = torch.empty((0,), device=x.device, dtype=h.dtype)
+        rstd = torch.empty((0,), device=x.device, dtype=torch.float32)
     if residual:
         gate, y = _rowmajor(gate), _rowmajor(y)
         r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
@@ -474,17 +499,18 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None):
     rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_c)
     warps = TUNE["ln_fwd_warps"] if rows * block_c <= TUNE["ln_fwd_tile"] else 8
     wrap_triton(_adaln_fwd_kernel)[(_cdiv(N, rows), B)](
-        x, y, gate, shift, scale, r, h,
+        x, y, gate, shift, scale, r, h, xhat, rstd,
         N, C, eps,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
-        SCALE_TOK=scale.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
     )
-    return (r if residual else None), h
+    return (r if residual else None), h, xhat, rstd
 
 
-def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
-    """Gradients of adaln_forward.  x is the LayerNorm input (the residual r when fused).
+def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=None):
+    """Gradients of adaln_forward.  x is the LayerNorm input (the residual r when fused), or,
+    with rstd, the x_hat that adaln_forward(save_norm=True) wrote.
 
     Returns (dx, dscale, dshift, dgate, dy).  dshift is an empty tensor when shift is per token
     (its gradient is dh itself: the caller uses dh rather than pay for a copy); dgate and dy are
@@ -494,14 +520,16 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
     residual = gate is not None
     dev = x.device
     x, scale, dh = _rowmajor(x), _rowmajor(scale), _rowmajor(dh)
+    from_norm = rstd is not None
     shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
     gate_tok = residual and gate.dim() == 3
     block_c = _pow2(C)
     warps = TUNE["ln_bwd_warps"] or max(4, min(16, block_c // 256))
     rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_c)
     S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
-    dx = torch.empty((B, N, C), device=dev, dtype=x.dtype)
     dummy = torch.empty((1,), device=dev, dtype=torch.float32)  # for pointers a constexpr disables
+    # dx in the LayerNorm input's dtype; x_hat is only saved for an fp32 input (see _save_norm)
+    dx = torch.empty((B, N, C), device=dev, dtype=torch.float32 if from_norm else x.dtype)
 
     def buf(per_token, like):  # per-token output in like's dtype, or fp32 per-program partial sums
         if per_token:
@@ -520,12 +548,13 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None):
         gate = y = dr = dy = dgate_or_p = dummy
         has_dr = False
     wrap_triton(_adaln_bwd_kernel)[(S, B)](
-        x, y, gate, scale, dr, dh,
+        x, rstd if from_norm else dummy, y, gate, scale, dr, dh,
         dx, dy, dgate_or_p, dscale_or_p, pshift, dscale_or_p, dgate_or_p,
         N, C, eps, rows_per_prog, S,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
-        SCALE_TOK=scale_tok, ROWS=rows, BLOCK_C=block_c, PREFETCH=bool(TUNE["ln_bwd_prefetch"]),
+        SCALE_TOK=scale_tok, FROM_NORM=from_norm, ROWS=rows, BLOCK_C=block_c,
+        PREFETCH=bool(TUNE["ln_bwd_prefetch"]),
         num_warps=warps,
     )
     partials, dtypes = [], []
@@ -607,34 +636,38 @@ def _register(name: str):
 
 @_register("diffae_triton::adaln_modulate")
 def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    return adaln_forward(x, shift, scale, eps, out_dtype=out_dtype)[1]
+                       out_dtype: torch.dtype | None = None,
+                       save_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaln_forward(x, shift, scale, eps, out_dtype=out_dtype, save_norm=save_norm)[1:]
 
 
 @_register("diffae_triton::adaln_modulate_backward")
 def _adaln_modulate_backward_op(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor, eps: float,
+    rstd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, eps)
+    dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, eps, rstd=rstd)
     return dx, dscale, dshift
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
-    x, shift, scale, eps, _ = inputs
-    ctx.save_for_backward(x, shift, scale)
+    x, shift, scale, eps, _, save_norm = inputs
+    _, xhat, rstd = output
+    # what the backward normalises: the input, or the forward's x_hat and 1/std
+    ctx.save_for_backward(xhat if save_norm else x, shift, scale, rstd if save_norm else None)
     ctx.eps = eps
 
 
-def _adaln_modulate_grad(ctx, dh):
-    x, shift, scale = ctx.saved_tensors
-    if _eager(x, shift, scale, dh):
+def _adaln_modulate_grad(ctx, dh, _dxhat=None, _drstd=None):
+    x, shift, scale, rstd = ctx.saved_tensors
+    if _eager(x, shift, scale, dh, rstd):
         with _launch_directly():
-            dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, ctx.eps)
+            dx, dscale, dshift, _, _ = adaln_backward(x, shift, scale, dh, ctx.eps, rstd=rstd)
     else:
-        dx, dscale, dshift = torch.ops.diffae_triton.adaln_modulate_backward(x, shift, scale, dh, ctx.eps)
+        dx, dscale, dshift = torch.ops.diffae_triton.adaln_modulate_backward(x, shift, scale, dh, ctx.eps, rstd)
     if shift.dim() == 3:
         dshift = dh.to(shift.dtype)
-    return dx, dshift, dscale, None, None
+    return dx, dshift, dscale, None, None, None
 
 
 _adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_modulate_setup)
@@ -676,43 +709,46 @@ _gated_residual_op.register_autograd(_gated_residual_grad, setup_context=_gated_
 @_register("diffae_triton::gated_residual_adaln")
 def _gated_residual_adaln_op(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return adaln_forward(x, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype)
+    out_dtype: torch.dtype | None = None, save_norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaln_forward(x, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype, save_norm=save_norm)
 
 
 @_register("diffae_triton::gated_residual_adaln_backward")
 def _gated_residual_adaln_backward_op(
     r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    dr: torch.Tensor | None, dh: torch.Tensor, eps: float,
+    dr: torch.Tensor | None, dh: torch.Tensor, eps: float, rstd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, eps, gate=gate, y=y, dr=dr)
+    dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, eps, gate=gate, y=y, dr=dr, rstd=rstd)
     return dx, dy, dgate, dscale, dshift
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
-    x, gate, y, shift, scale, eps, _ = inputs
-    # The backward normalises the stored residual r (an output) rather than recomputing it.
-    ctx.save_for_backward(output[0], gate, y, shift, scale)
+    x, gate, y, shift, scale, eps, _, save_norm = inputs
+    r, _, xhat, rstd = output
+    # The backward normalises the stored residual r (an output) rather than recomputing it, or
+    # reads the forward's x_hat and 1/std.
+    ctx.save_for_backward(xhat if save_norm else r, gate, y, shift, scale, rstd if save_norm else None)
     ctx.eps = eps
 
 
-def _gated_residual_adaln_grad(ctx, dr, dh):
-    r, gate, y, shift, scale = ctx.saved_tensors
+def _gated_residual_adaln_grad(ctx, dr, dh, _dxhat=None, _drstd=None):
+    r, gate, y, shift, scale, rstd = ctx.saved_tensors  # r: x_hat when rstd is saved
     if dh is None:  # h unused: only the residual path carries gradient
         if dr is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         dy, dgate = _gated_residual_backward_any(gate, y, dr)
-        return dr, dgate, dy, None, None, None, None
-    if _eager(r, gate, y, shift, scale, dr, dh):
+        return dr, dgate, dy, None, None, None, None, None
+    if _eager(r, gate, y, shift, scale, dr, dh, rstd):
         with _launch_directly():
-            dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, ctx.eps, gate=gate, y=y, dr=dr)
+            dx, dscale, dshift, dgate, dy = adaln_backward(r, shift, scale, dh, ctx.eps, gate=gate, y=y, dr=dr,
+                                                           rstd=rstd)
     else:
         dx, dy, dgate, dscale, dshift = torch.ops.diffae_triton.gated_residual_adaln_backward(
-            r, gate, y, shift, scale, dr, dh, ctx.eps)
+            r, gate, y, shift, scale, dr, dh, ctx.eps, rstd)
     if shift.dim() == 3:
         dshift = dh.to(shift.dtype)
-    return dx, dgate, dy, dshift, dscale, None, None
+    return dx, dgate, dy, dshift, dscale, None, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_context=_gated_residual_adaln_setup)
@@ -742,15 +778,15 @@ def _eager_function(name, forward, setup_context, backward):
 
 
 _AdalnModulateEager = _eager_function(
-    "_AdalnModulateEager", lambda x, shift, scale, eps, out_dtype: adaln_forward(x, shift, scale, eps,
-                                                                                 out_dtype=out_dtype)[1],
+    "_AdalnModulateEager", lambda x, shift, scale, eps, out_dtype, save_norm: adaln_forward(
+        x, shift, scale, eps, out_dtype=out_dtype, save_norm=save_norm)[1:],
     _adaln_modulate_setup, _adaln_modulate_grad)
 _GatedResidualEager = _eager_function(
     "_GatedResidualEager", gated_residual_forward, _gated_residual_setup, _gated_residual_grad)
 _GatedResidualAdalnEager = _eager_function(
     "_GatedResidualAdalnEager",
-    lambda x, gate, y, shift, scale, eps, out_dtype: adaln_forward(x, shift, scale, eps, gate=gate, y=y,
-                                                                   out_dtype=out_dtype),
+    lambda x, gate, y, shift, scale, eps, out_dtype, save_norm: adaln_forward(
+        x, shift, scale, eps, gate=gate, y=y, out_dtype=out_dtype, save_norm=save_norm),
     _gated_residual_adaln_setup, _gated_residual_adaln_grad)
 
 
@@ -759,13 +795,21 @@ def _use_eager(*tensors) -> bool:
     return not torch.compiler.is_compiling() and _eager(*tensors)
 
 
+def _save_norm(x: torch.Tensor, out_dtype, *inputs) -> bool:
+    # Keep x_hat for the backward where it is narrower than the input: an fp32 stream normalised
+    # into a 16-bit GEMM input (a DiT under autocast), and only when a backward will run.
+    return (x.dtype == torch.float32 and out_dtype in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *inputs)))
+
+
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift; x (B, N, C), shift/scale (B, C) or (B, N, C); the
     result in out_dtype (default x's)."""
+    save = _save_norm(x, out_dtype, shift, scale)
     if _use_eager(x, shift, scale):
-        return _AdalnModulateEager.apply(x, shift, scale, float(eps), out_dtype)
-    return torch.ops.diffae_triton.adaln_modulate(x, shift, scale, float(eps), out_dtype)
+        return _AdalnModulateEager.apply(x, shift, scale, float(eps), out_dtype, save)[0]
+    return torch.ops.diffae_triton.adaln_modulate(x, shift, scale, float(eps), out_dtype, save)[0]
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -779,6 +823,10 @@ def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6,
                          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, h) = (x + gate * y, adaln_modulate(r, shift, scale)) in one pass; r in x's dtype, h in
     out_dtype (default x's)."""
+    save = _save_norm(x, out_dtype, gate, y, shift, scale)
     if _use_eager(x, gate, y, shift, scale):
-        return _GatedResidualAdalnEager.apply(x, gate, y, shift, scale, float(eps), out_dtype)
-    return torch.ops.diffae_triton.gated_residual_adaln(x, gate, y, shift, scale, float(eps), out_dtype)
+        r, h, _, _ = _GatedResidualAdalnEager.apply(x, gate, y, shift, scale, float(eps), out_dtype, save)
+    else:
+        r, h, _, _ = torch.ops.diffae_triton.gated_residual_adaln(x, gate, y, shift, scale, float(eps),
+                                                                 out_dtype, save)
+    return r, h

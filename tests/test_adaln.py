@@ -166,23 +166,44 @@ def test_strided_views(op):
     run_and_check(op, inp)
 
 
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op, save_norm", [(op, False) for op in OPS]
+                         + [("adaln_modulate", True), ("gated_residual_adaln", True)])
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-def test_eager_path_matches_registered_op(op, per_token):
+def test_eager_path_matches_registered_op(op, save_norm, per_token):
     # Eager calls use an autograd.Function over the same launchers; traced code uses the op.
-    inp = make_inputs(2, 9, 72, BF16, F32, per_token)
+    # save_norm: an fp32 stream into bf16 GEMM inputs, for which the ops keep x_hat for the backward.
+    inp = make_inputs(2, 9, 72, F32 if save_norm else BF16, F32, per_token)
     names = OPS[op][3]
     registered = getattr(torch.ops.diffae_triton, op)
-    extra = (EPS,) if op != "gated_residual" else ()
+    public = {"adaln_modulate": 1, "gated_residual": 1, "gated_residual_adaln": 2}[op]  # the rest: saved
+    extra = () if op == "gated_residual" else (EPS, BF16, True) if save_norm else (EPS,)
+    kernel = functools.partial(OPS[op][0], out_dtype=BF16) if save_norm else OPS[op][0]
     results = []
-    for fn in (OPS[op][0], lambda *a: registered(*a, *extra)):
+    for fn in (kernel, lambda *a: _as_tuple(registered(*a, *extra))[:public]):
         leaves = [inp[n].clone().requires_grad_() for n in names]
         outs = _as_tuple(fn(*leaves))
         g = torch.Generator().manual_seed(5)
         ups = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
         results.append(outs + torch.autograd.grad(outs, leaves, ups))
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+def test_fp32_stream_into_bf16_keeps_only_16_bit_activations_for_the_backward(op):
+    # x_hat (bf16) and 1/std replace the fp32 LayerNorm input among the saved tensors
+    inp = make_inputs(2, 9, 72, F32, F32, per_token=False)
+    leaves = [inp[n].clone().requires_grad_() for n in OPS[op][3]]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        OPS[op][0](*leaves, out_dtype=BF16)
+    full = [t for t in saved if t.shape == (2, 9, 72)]
+    names = [n for n in OPS[op][3] if inp[n].shape == (2, 9, 72)]  # y, a full-size input, stays
+    assert [t.dtype for t in full].count(BF16) == 1
+    assert len([t for t in full if t.dtype == F32]) == len(names) - 1, [t.dtype for t in full]
+    with torch.no_grad():  # nothing to keep: the plain kernel, no x_hat written
+        assert not K._save_norm(leaves[0], BF16, *leaves[1:])
 
 
 def test_fused_with_only_h_used():
@@ -241,15 +262,22 @@ def _opcheck_cases():
                                              dh.to(BF16), dh.to(BF16), EPS)),
         (lib.adaln_modulate.default, (t["x"], t["shift"], t["scale"], EPS, BF16)),
         (lib.gated_residual_adaln.default, (t["x"], t["gate"], t["y"], t["shift"], t["scale"], EPS, BF16)),
+        (lib.adaln_modulate.default, (t["x"], t["shift"], t["scale"], EPS, BF16, True)),
+        (lib.gated_residual_adaln.default, (t["x"], t["gate"], t["y"], t["shift"], t["scale"], EPS, BF16, True)),
+        (lib.adaln_modulate_backward.default, (t["x"].to(BF16), t["shift"], t["scale"], dh, EPS,
+                                               torch.rand(B, N, device=DEV) + 0.5)),
+        (lib.gated_residual_adaln_backward.default, (t["x"].to(BF16), t["gate"], t["y"], t["shift"], t["scale"],
+                                                     dh, dh, EPS, torch.rand(B, N, device=DEV) + 0.5)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8), ids=lambda i: ["adaln_modulate", "adaln_modulate_backward",
-                                                          "gated_residual", "gated_residual_backward",
-                                                          "gated_residual_adaln",
-                                                          "gated_residual_adaln_backward",
-                                                          "adaln_modulate_h_bf16",
-                                                          "gated_residual_adaln_h_bf16"][i])
+_OPCHECK_IDS = ["adaln_modulate", "adaln_modulate_backward", "gated_residual", "gated_residual_backward",
+                "gated_residual_adaln", "gated_residual_adaln_backward", "adaln_modulate_h_bf16",
+                "gated_residual_adaln_h_bf16", "adaln_modulate_save_norm", "gated_residual_adaln_save_norm",
+                "adaln_modulate_backward_from_norm", "gated_residual_adaln_backward_from_norm"]
+
+
+@pytest.mark.parametrize("case", range(len(_OPCHECK_IDS)), ids=lambda i: _OPCHECK_IDS[i])
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     if not op._schema.name.endswith("_backward"):  # forward ops: check their autograd too
