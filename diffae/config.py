@@ -92,6 +92,10 @@ class TrainConfig:
     # wall-clock budget of one fit() (one process's training; a resumed run gets it afresh): past it
     # training stops and saves as at train.steps; 0: no limit
     max_minutes: float = 0.0
+    # time the attention kernels' block sizes at the first call of each shape.  Off: at training
+    # shapes the fixed configs are the tuned picks (dae-b on an H200: 2604 img/s fixed, 2602 tuned)
+    # and tuning adds 13 s to the first compile (55.5 against 68.7 s); sampling keeps tuning
+    attn_autotune: bool = False
 
 
 @dataclass

@@ -31,8 +31,8 @@ loops over the q blocks.  No atomics anywhere.
 
 Block sizes are autotuned on the GPU with triton.autotune per (N, M, B*H rounded up to powers of
 two, D, options); cache_results=True keeps the timings in Triton's on-disk cache (~/.triton/cache,
-JSON), so a new process does not re-tune.  DIFFAE_ATTN_AUTOTUNE=0 uses one fixed config per head
-dim instead.
+JSON), so a new process does not re-tune.  diffae.ops.set_attention_autotune(False) (or
+DIFFAE_ATTN_AUTOTUNE=0) uses one fixed config per head dim instead.
 
 Registration: torch.library.custom_op + register_fake + register_autograd (namespace
 diffae_triton).  The op is opaque to torch.compile (no graph break, traced with fullgraph=True,
@@ -55,9 +55,10 @@ import torch
 import triton
 import triton.language as tl
 
+from diffae.ops.attention import attention_autotune
+
 # Read once, as triton.jit does when it decides between compiling and interpreting the kernels.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE = os.environ.get("DIFFAE_ATTN_AUTOTUNE", "1") != "0"
 _LOG2E = 1.4426950408889634
 # triton 3.9's interpreter multiplies bf16 dot operands as raw bits: there, dots take fp32 copies
 # of the (already rounded) operands, which computes the same products.
@@ -652,7 +653,7 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4,
                 (32, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
 _DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
-# Untuned defaults (DIFFAE_ATTN_AUTOTUNE=0), by tile width: the H100's picks at D = 64 and 128.
+# Untuned defaults (set_attention_autotune(False)), by tile width: the H100's picks at D = 64 and 128.
 _DEFAULT = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dq": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
@@ -810,7 +811,7 @@ class _Plan:
         if _INTERPRET:
             cfg = triton.Config(dict(zip(("BLOCK_M", "BLOCK_N"), _INTERPRET_BLOCKS)))
             kw = {**self.meta, **cfg.kwargs}
-        elif _AUTOTUNE and key not in _chosen:
+        elif attention_autotune() and key not in _chosen:
             tuned[lambda m: self.grid(which, m["BLOCK_M"], m["BLOCK_N"])](*args, **self.meta)
             cfg = getattr(tuned, "best_config", None)
             if cfg is None:  # an autotuner without best_config: let it dispatch every time
@@ -823,7 +824,7 @@ class _Plan:
                                   {**self.meta, **cfg.all_kwargs()})
             return
         else:
-            cfg = _chosen.get(key) if _AUTOTUNE else None
+            cfg = _chosen.get(key) if attention_autotune() else None
             if cfg is None:
                 cfg = _cfg(_DEFAULT[which][self.DH])
             kw = {**self.meta, **cfg.all_kwargs()}

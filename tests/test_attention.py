@@ -12,6 +12,7 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes with 16 x 1
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -25,6 +26,7 @@ triton = pytest.importorskip("triton")
 
 from diffae import ops  # noqa: E402
 from diffae.ops import _backend  # noqa: E402
+ops_attention = importlib.import_module("diffae.ops.attention")  # the module, not ops.attention
 from diffae.ops.attention import attention_reference  # noqa: E402
 
 try:
@@ -207,7 +209,8 @@ GPU_CASES = [
 
 @pytest.fixture
 def _untuned(monkeypatch):
-    monkeypatch.setattr(K, "_AUTOTUNE", False)
+    monkeypatch.delenv("DIFFAE_ATTN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(ops_attention, "_autotune", False)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,7 @@
+import importlib
 import json
 
+import pytest
 import torch
 
 from diffae.cli import main
@@ -78,3 +80,18 @@ def test_time_budget_stops_like_the_last_step_then_the_prior_and_resume_follow(t
     assert f"stopped on the time budget (train.max_minutes=0.005) at step {stopped} of 400" in capsys.readouterr().err
     assert main(argv + ["--steps", str(stopped + 3), "--resume"]) == 0
     assert checkpoint.load(out / "last.pt")["step"] == stopped + 3
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_training_chooses_whether_attention_autotunes(micro_cfg, tmp_path, monkeypatch, setting):
+    # training takes the attention's fixed configs unless train.attn_autotune asks for tuning;
+    # DIFFAE_ATTN_AUTOTUNE, when set, overrides both
+    ops_attention = importlib.import_module("diffae.ops.attention")  # the module, not ops.attention
+    monkeypatch.delenv("DIFFAE_ATTN_AUTOTUNE", raising=False)
+    monkeypatch.setattr(ops_attention, "_autotune", None)
+    assert ops_attention.attention_autotune()  # the default outside training
+    Trainer(micro_cfg.override([f"train.attn_autotune={str(setting).lower()}"]), synthetic(n=32), tmp_path,
+            quiet=True)
+    assert ops_attention.attention_autotune() is setting
+    monkeypatch.setenv("DIFFAE_ATTN_AUTOTUNE", "1")
+    assert ops_attention.attention_autotune()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from ..config import Config, resolve_compile
 from ..data import Dataset
 from ..errors import ConfigError, DataError, DiffaeError, OutputError
@@ -229,6 +230,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = step_loss = DistributedDataParallel(
                 step_loss, device_ids=[self.device] if self.device.type == "cuda" else None)
+        ops.set_attention_autotune(cfg.train.attn_autotune)
         self.compiled = resolve_compile(cfg.train.compile, self.device.type)
         self.loss_fn = torch.compile(step_loss) if self.compiled else step_loss
         self.flops_per_image = flops.train_flops_per_image(cfg)

@@ -8,6 +8,8 @@ Non-causal.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,25 @@ def attention_reference(qkv, q_norm_weight=None, k_norm_weight=None, kv_extra=No
         q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2).reshape(B, N, H * D).to(dtype)  # (B, N, H*D)
+
+
+_autotune: bool | None = None  # set_attention_autotune's choice; None: on
+
+
+def set_attention_autotune(on: bool | None) -> None:
+    """Whether the Triton attention times its candidate block sizes at the first call of each
+    shape (on, the default: the timings stay in Triton's disk cache) or takes its fixed configs
+    (off), for this process.  DIFFAE_ATTN_AUTOTUNE=0 or 1, when set, wins.  A shape that already
+    ran keeps its config."""
+    global _autotune
+    _autotune = on
+
+
+def attention_autotune() -> bool:
+    env = os.environ.get("DIFFAE_ATTN_AUTOTUNE")
+    if env is not None:
+        return env != "0"
+    return True if _autotune is None else _autotune
 
 
 def attention(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
