@@ -95,3 +95,35 @@ def test_training_chooses_whether_attention_autotunes(micro_cfg, tmp_path, monke
     assert ops_attention.attention_autotune() is setting
     monkeypatch.setenv("DIFFAE_ATTN_AUTOTUNE", "1")
     assert ops_attention.attention_autotune()
+
+
+def test_batch_sampler_draws_each_epoch_on_its_device_and_resumes():
+    from diffae.engine.trainer import BatchSampler
+    g = torch.Generator().manual_seed(4)
+    want = torch.cat([torch.randperm(10, generator=g)[:8] for _ in range(3)])  # 2 batches of 4 per epoch
+    sampler = BatchSampler(10, 4, torch.Generator().manual_seed(4))
+    got = [sampler.next() for _ in range(5)]
+    state, rng = sampler.state_dict(), sampler.generator.get_state()  # the trainer saves both
+    got.append(sampler.next())
+    assert torch.equal(torch.cat(got), want)
+    again = BatchSampler(10, 4, torch.Generator())
+    again.generator.set_state(rng)
+    again.load_state_dict(state)
+    assert torch.equal(again.next(), got[-1])
+    assert BatchSampler(10, 4, torch.Generator(), device="meta").next().device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_never_waits_for_the_device(micro_cfg, tmp_path):
+    # a synchronising call in the step (a copy from pageable memory, .item()) stops the host from
+    # queueing the next step while the GPU runs this one
+    trainer = Trainer(micro_cfg, synthetic(n=64), tmp_path, device="cuda", quiet=True)
+    for _ in range(3):  # compile, autotune and allocator warm-up may synchronise
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

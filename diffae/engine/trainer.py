@@ -142,18 +142,29 @@ def _set_rng_state(state: dict, device: torch.device, data_gen: torch.Generator)
 
 class BatchSampler:
     """Shuffled batches without replacement, epoch after epoch, from a dataset resident on the
-    device; its state (permutation, position, generator) is part of the checkpoint."""
+    device; its state (permutation, position, generator) is part of the checkpoint.
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+    The indices come from a copy of each epoch's permutation on `device`: indexing the data with
+    CPU indices would copy them to the device every step, and torch's copy from pageable memory
+    synchronises the stream, so the host would wait for the previous step each time instead of
+    queueing the next one while it runs (what keeps a small model's GPU busy)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None):
         if batch_size > n:
             raise DataError(f"batch size {batch_size} is larger than the dataset ({n} images)")
         self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.perm, self.pos = torch.randperm(n, generator=generator), 0
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self._set(torch.randperm(n, generator=generator), 0)
+
+    def _set(self, perm: torch.Tensor, pos: int) -> None:
+        self.perm, self.pos = perm, pos
+        self._perm_here = perm.to(self.device)  # one copy (and sync) per epoch
 
     def next(self) -> torch.Tensor:
+        """The next batch's indices, on the sampler's device."""
         if self.pos + self.batch_size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
+            self._set(torch.randperm(self.n, generator=self.generator), 0)
+        idx = self._perm_here[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
         return idx
 
@@ -161,7 +172,7 @@ class BatchSampler:
         return {"perm": self.perm, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
-        self.perm, self.pos = state["perm"], int(state["pos"])
+        self._set(state["perm"].cpu(), int(state["pos"]))
 
 
 class _StepLoss(torch.nn.Module):
@@ -221,7 +232,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, cfg, self.device)
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed)
-        self.sampler = BatchSampler(len(data), cfg.train.batch_size, self.data_gen)
+        self.sampler = BatchSampler(len(data), cfg.train.batch_size, self.data_gen, self.data.images.device)
         self.step = 0
         self.saved_step: int | None = None
         self.ddp = None
@@ -300,7 +311,7 @@ class Trainer:
         with nvtx_range("data"):
             # indices and randomness of the whole global batch, the same on every rank, then this
             # rank's slice: the run is that of one process whatever the number of ranks
-            x0 = self.data.images[self.sampler.next()[mine].to(self.device)]
+            x0 = self.data.images[self.sampler.next()[mine]]
             if t.augment_flip:
                 flip = (torch.rand(B, 1, 1, 1, device=self.device) < 0.5)[mine]
                 x0 = torch.where(flip, x0.flip(-1), x0)
