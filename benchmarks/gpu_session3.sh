@@ -8,6 +8,11 @@
 #   bash benchmarks/gpu_session3.sh memory # GPU tests of the AdaLN kernels and the model; dae-b's compiled
 #                                          # step beside the yardstick, then with the attention kernels'
 #                                          # fixed configs; every compile on cold caches
+#   bash benchmarks/gpu_session3.sh small  # GPU tests (the step's sync-free check among them); mldae's
+#                                          # training step timed alone and under the profiler
+#   bash benchmarks/gpu_session3.sh long-start [ARGS]  # method_suite.py in the background (setsid: it
+#          outlives this call), then waits out the call; long-finish waits for it and collects
+#          its summary: a run longer than one call (MINUTES, default 14, e.g. --presets mldae)
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
@@ -57,6 +62,23 @@ case "${1:-train}" in
       | tee "$OUT/train-b.log")
     (cold 2; DIFFAE_ATTN_AUTOTUNE=0 timeout "$(left 580)" python3 benchmarks/bench_train.py throughput $B \
       --no-yardstick 2>&1 | grep "^{" | tee "$OUT/train-fixed-attn-configs.log") ;;
+  small)
+    gpu_tests tests/test_training.py tests/test_adaln.py tests/test_model.py
+    timeout 200 python3 benchmarks/bench_train.py throughput --preset mldae --img 28 --channels 1 --batch 256 \
+      --no-yardstick 2>&1 | grep "^{" | tee "$OUT/train-mldae.log"
+    timeout "$(left 580)" python3 benchmarks/profile_train.py --preset mldae --img 28 --channels 1 --batch 256 \
+      --out /tmp/prof --rows 30 > "$OUT/profile-mldae.txt" 2>&1
+    grep -v "^W\|profiler" "$OUT/profile-mldae.txt" | tail -36 ;;
+  long-start)
+    mkdir -p /tmp/long
+    setsid nohup timeout 1700 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-14}" \
+      --eval-minutes "${EVAL_MINUTES:-3}" --collect /tmp/long --set train.compile=true "${@:2}" \
+      > /tmp/long/run.log 2>&1 < /dev/null &
+    sleep "$(left 570)"; tail -3 /tmp/long/run.log ;;
+  long-finish)  # waits (within this call) for long-start's run, then hands back what it collected
+    while [ ! -s /tmp/long/summary.md ] && pgrep -f method_suite.py > /dev/null && [ "$(left 560)" -gt 0 ]; do
+      sleep 10; done
+    tail -5 /tmp/long/run.log; cp /tmp/long/* "$OUT"/ 2>/dev/null ;;
   final)
     timeout 240 python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -30
