@@ -6,8 +6,10 @@
 For each shape (bf16 activations, per-sample bf16 modulation) and each op it times forward,
 backward (autograd.grad on a retained graph) and forward+backward of the Triton op, the eager
 reference and torch.compile of the reference (one compile per shape, dynamic=False), and the
-fused residual + next-LayerNorm op against the two separately compiled reference ops.  Two
-timings of each, compile excluded:
+fused residual + next-LayerNorm op against the two separately compiled reference ops; then that
+fused op as a DiT trains it (fp32 stream, bf16 h: backward from the saved x_hat, against keeping
+the fp32 stream, and against torch.compile of the reference).  Two timings of each, compile
+excluded:
   *_ms         device time: the pass repeated in one CUDA graph, replays timed with CUDA events
                (graph_ms, median of 10; L2 not flushed: each pass moves 3-15x the 60 MB L2);
                what the kernels cost inside a compiled or graph-captured training step, where
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -215,6 +218,34 @@ def run_shape(B, N, C, ceiling):
     return rows, fused_rows
 
 
+def training_mode(B, N, C):
+    """The fused op as a DiT trains it: fp32 residual stream, bf16 y, modulations and h.  Its
+    backward from the saved x_hat and 1/std (what the ops choose there) against the same op keeping
+    the fp32 stream, and torch.compile of the reference; device time (graph_ms) per pass."""
+    x, y, shift, scale, gate, grads = make(B, N, C)
+    inputs = [x.float(), gate, y, shift, scale]
+    grads = [grads[0].float(), grads[1]]  # dr in the stream's dtype, dh in h's
+    fused = functools.partial(K.gated_residual_adaln, out_dtype=BF16)
+    compiled = torch.compile(functools.partial(R.gated_residual_adaln_reference, out_dtype=BF16), dynamic=False)
+    times = {"xhat": time_impl(fused, inputs, grads)["graph"]}
+    chosen = K._save_norm
+    K._save_norm = lambda *a: False  # the same op, keeping the fp32 stream for its backward
+    try:
+        times["stream"] = time_impl(fused, inputs, grads)["graph"]
+    finally:
+        K._save_norm = chosen
+    times["compile"] = time_impl(compiled, inputs, grads)["graph"]
+    rows = []
+    for i, pass_ in enumerate(("fwd", "bwd", "fwd+bwd")):
+        row = {"shape": [B, N, C], "pass": pass_, **{f"{k}_ms": v[i] for k, v in times.items()},
+               "xhat_speedup_vs_stream": times["stream"][i] / times["xhat"][i],
+               "xhat_speedup_vs_compile": times["compile"][i] / times["xhat"][i]}
+        print(f"{'x'.join(map(str, row['shape'])):>14} training mode {pass_:>7}: x_hat {row['xhat_ms']:.3f} ms, "
+              f"fp32 stream kept {row['stream_ms']:.3f} ms, compiled reference {row['compile_ms']:.3f} ms", flush=True)
+        rows.append(row)
+    return rows
+
+
 def sweep(B, N, C):
     """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
     x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
@@ -312,7 +343,7 @@ def _main(args) -> int:
         "timing": "*_ms: CUDA-graph replay (graph_ms), median; *_stream_ms: do_bench, median, "
                   "L2 flushed; backward = autograd.grad on a retained graph",
         "copy_gbps_1GiB": big, "copy_gbps_1GiB_stream": big_stream, "tune": dict(K.TUNE), "shapes": {},
-        "rows": [], "fused_vs_separate": [],
+        "rows": [], "fused_vs_separate": [], "training_mode": [],
     }
     if args.sweep:
         result["sweep"] = []
@@ -345,6 +376,7 @@ def _main(args) -> int:
             rows, fused = run_shape(B, N, C, ceiling)
             result["rows"] += rows
             result["fused_vs_separate"] += fused
+            result["training_mode"] += training_mode(B, N, C)
             save()
         _print(result)
     save()

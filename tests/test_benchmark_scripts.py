@@ -33,6 +33,7 @@ def test_bench_adaln_smoke_sweeps_applies_and_checks_errors(tmp_path):
     assert {r["op"] for r in result["rows"]} == {"adaln_modulate", "gated_residual", "gated_residual_adaln"}
     for r in result["rows"]:  # the kernel's error stays within 2x of PyTorch's own bf16 error
         assert r["triton_rel_err"] <= 2 * r["bf16_reference_rel_err"] + 1e-6, r
+    assert [r["pass"] for r in result["training_mode"]] == ["fwd", "bwd", "fwd+bwd"]
 
 
 @pytest.mark.slow
