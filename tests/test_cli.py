@@ -46,7 +46,7 @@ def test_sample_encode_reconstruct_interpolate(run_dir, tmp_path, capsys):
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "backend triton" in out and "extension" in out
+    assert "backend triton" in out and "extension" in out and "attention block sizes" in out
 
 
 def _error(capsys, argv) -> str:

@@ -158,6 +158,7 @@ def _log_fallback(op: str, why: str) -> None:
 
 def report() -> dict[str, str]:
     """What `diffae info` prints: each backend and why it is missing."""
+    from .attention import attention_autotune  # it imports this module
     ok_t, why_t = triton_status()
     ok_c, why_c = extension_status()
     return {
@@ -165,4 +166,6 @@ def report() -> dict[str, str]:
         "triton": "available" if ok_t else f"missing ({why_t})",
         "extension (diffae._C)": "available" if ok_c else f"missing ({why_c})",
         "reference": "available",
+        "attention block sizes": ("autotuned at each shape's first call" if attention_autotune()
+                                  else "fixed configs") + " (training: train.attn_autotune)",
     }
