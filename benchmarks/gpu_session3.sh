@@ -74,7 +74,7 @@ case "${1:-train}" in
     setsid nohup timeout 1700 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-14}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect /tmp/long --set train.compile=true "${@:2}" \
       > /tmp/long/run.log 2>&1 < /dev/null &
-    sleep "$(left 570)"; tail -3 /tmp/long/run.log ;;
+    sleep "$(left "${LONG_WAIT:-570}")"; tail -3 /tmp/long/run.log ;;
   long-finish)  # waits (within this call) for long-start's run, then hands back what it collected
     while [ ! -s /tmp/long/summary.md ] && pgrep -f method_suite.py > /dev/null && [ "$(left 560)" -gt 0 ]; do
       sleep 10; done
