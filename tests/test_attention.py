@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 from diffae import ops  # noqa: E402
 from diffae.ops import _backend  # noqa: E402
-ops_attention = importlib.import_module("diffae.ops.attention")  # the module, not ops.attention
+ops_attention = importlib.import_module("diffae.ops.attention")  # noqa: E402  (the module, not ops.attention)
 from diffae.ops.attention import attention_reference  # noqa: E402
 
 try:
