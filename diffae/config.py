@@ -18,6 +18,9 @@ PROCESSES = ("vp-cosine", "vp-linear", "ve")
 PREDICTIONS = ("eps", "v", "x0", "score")
 WEIGHTINGS = ("none", "min-snr", "sigma2")
 T_SAMPLINGS = ("uniform", "logit-normal", "uniform-sigma")
+# torch.compile modes for the train step; "reduce-overhead" replays forward and backward as CUDA
+# graphs, for small presets whose step the host's kernel launches would otherwise bound
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -83,6 +86,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     bf16: bool = True             # autocast on CUDA (CPU stays fp32)
     compile: bool | str = "auto"  # torch.compile the loss: "auto" (on for CUDA, off for CPU), true, false
+    compile_mode: str = "default"  # one of COMPILE_MODES
     grad_accum: int = 1           # micro-batches per optimizer step; the step still sees batch_size images
     seed: int = 0
     log_every: int = 50
@@ -131,6 +135,7 @@ class Config:
             raise ConfigError("encoder.z_dim too large for a Bernoulli code")
         t = self.train
         t.compile = parse_compile(t.compile)
+        _choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
         if t.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
         if not t.max_minutes >= 0:  # also refuses NaN

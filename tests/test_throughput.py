@@ -151,6 +151,9 @@ def test_compile_is_tri_state_and_reads_old_configs():
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="train.compile='sometimes' is not valid"):
         cfg.override(["train.compile=sometimes"])
+    assert cfg.override(["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="unknown train.compile_mode 'fast'"):
+        cfg.override(["train.compile_mode=fast"])
 
 
 def test_batches_that_do_not_split_are_refused():

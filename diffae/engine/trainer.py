@@ -7,7 +7,8 @@ train.max_minutes bounds the wall-clock time of one fit() call: past it the loop
 had reached train.steps (last log record, checkpoint) and says so; the budget is this call's own,
 so a resumed run gets it again.
 
-Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA), gradient
+Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA; train.compile_mode
+"reduce-overhead" replays its forward and backward as CUDA graphs), gradient
 accumulation (train.grad_accum), activation checkpointing (model.activation_checkpointing) and
 data parallelism under torchrun (DistributedDataParallel; see engine/distributed.py).  Every
 rank draws the randomness of the whole global batch from the same seed and takes its slice, so a
@@ -243,7 +244,8 @@ class Trainer:
                 step_loss, device_ids=[self.device] if self.device.type == "cuda" else None)
         ops.set_attention_autotune(cfg.train.attn_autotune)
         self.compiled = resolve_compile(cfg.train.compile, self.device.type)
-        self.loss_fn = torch.compile(step_loss) if self.compiled else step_loss
+        self.graphed = self.compiled and cfg.train.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        self.loss_fn = torch.compile(step_loss, mode=cfg.train.compile_mode) if self.compiled else step_loss
         self.flops_per_image = flops.train_flops_per_image(cfg)
         self.peak_flops: float | None = None  # measured once, at the first fit() on CUDA
         # non-finite bookkeeping, all on the device: the current run of bad steps, the longest run
@@ -308,6 +310,8 @@ class Trainer:
         t = self.cfg.train
         B, accum = t.batch_size, t.grad_accum
         mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+        if self.graphed:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with nvtx_range("data"):
             # indices and randomness of the whole global batch, the same on every rank, then this
             # rank's slice: the run is that of one process whatever the number of ranks
