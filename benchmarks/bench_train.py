@@ -58,7 +58,7 @@ def add_trainer_args(p: argparse.ArgumentParser, batch: int = 256) -> None:
     p.add_argument("--batch", type=int, default=batch, help="the global batch")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the loss (default: on CUDA)")
-    p.add_argument("--compile-mode", default="default", help="train.compile_mode")
+    p.add_argument("--compile-mode", default="auto", help="train.compile_mode")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--activation-checkpointing", action="store_true")
 
@@ -139,7 +139,7 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
     rec = {"what": "diffae_train", "preset": a.preset, "img": a.img, "channels": a.channels, "batch": a.batch,
            "gpus": world.size if cuda else 0, "processes": world.size, "grad_accum": a.grad_accum,
            "activation_checkpointing": a.activation_checkpointing, "compile": trainer.compiled,
-           "compile_mode": cfg.train.compile_mode,
+           "compile_mode": trainer.compile_mode,
            "img_per_s": round(img_per_s, 1), "step_ms": round(1e3 * step_s, 2),
            "first_two_steps_s": round(first, 1), "compile_s": round(max(first - 2 * step_s, 0.0), 1),
            "train_GFLOP_per_img": round(flops_per_image / 1e9, 2), "mfu": None if mfu is None else round(mfu, 4),
@@ -174,7 +174,7 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
     tag = (f"train-{a.preset}-{a.img}px-b{a.batch}{'-compiled' if rec['compile'] else ''}"
            f"{f'-x{world.size}' if world.distributed else ''}{f'-accum{a.grad_accum}' if a.grad_accum > 1 else ''}"
            f"{'-ckpt' if a.activation_checkpointing else ''}"
-           f"{'' if a.compile_mode == 'default' else '-' + a.compile_mode}")
+           f"{'-graphed' if cuda and rec['compile_mode'] == 'reduce-overhead' else ''}")
     print(f"wrote {write_result(tag, payload, a.results)}", flush=True)
     return rec
 

@@ -82,7 +82,7 @@ def cmd_train(a) -> int | None:
     if world.main:
         on = f"{world.size} x {device.type}" if world.distributed else str(device)
         print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {on}"
-              f"{' (compiled)' if trainer.compiled else ''}; "
+              f"{(' (compiled, CUDA graphs)' if trainer.graphed else ' (compiled)') if trainer.compiled else ''}; "
               f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)
     # one run per directory (rank 0 holds it), held until the latent prior is saved too
     with RunLock(out) if world.main else nullcontext():

@@ -19,8 +19,9 @@ PREDICTIONS = ("eps", "v", "x0", "score")
 WEIGHTINGS = ("none", "min-snr", "sigma2")
 T_SAMPLINGS = ("uniform", "logit-normal", "uniform-sigma")
 # torch.compile modes for the train step; "reduce-overhead" replays forward and backward as CUDA
-# graphs, for small presets whose step the host's kernel launches would otherwise bound
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# graphs, for small presets whose step the host's kernel launches would otherwise bound; "auto"
+# picks it where it is measured and tested (see resolve_compile_mode)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -86,7 +87,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     bf16: bool = True             # autocast on CUDA (CPU stays fp32)
     compile: bool | str = "auto"  # torch.compile the loss: "auto" (on for CUDA, off for CPU), true, false
-    compile_mode: str = "default"  # one of COMPILE_MODES
+    compile_mode: str = "auto"  # one of COMPILE_MODES
     grad_accum: int = 1           # micro-batches per optimizer step; the step still sees batch_size images
     seed: int = 0
     log_every: int = 50
@@ -191,6 +192,16 @@ def resolve_compile(value, device_type: str) -> bool:
     CPU Inductor's C++ build costs more than the short runs there save."""
     value = parse_compile(value)
     return device_type == "cuda" if value == "auto" else value
+
+
+def resolve_compile_mode(mode: str, device_type: str, distributed: bool, grad_accum: int) -> str:
+    """The torch.compile mode of the train step.  "auto" replays it as CUDA graphs on one CUDA
+    process without gradient accumulation (H200: mldae 5140 -> 8887 img/s, dae-b 2721 -> 2754,
+    the same peak memory and compile time), and keeps the plain mode elsewhere: under DDP and
+    across micro-batches the graphs are neither measured nor tested."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device_type == "cuda" and not distributed and grad_accum == 1 else "default"
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from diffae import ops
 from diffae.cli import main
-from diffae.config import Config, get_preset, resolve_compile
+from diffae.config import Config, get_preset, resolve_compile, resolve_compile_mode
 from diffae.data import synthetic
 from diffae.engine import distributed
 from diffae.engine.trainer import Trainer
@@ -151,7 +151,13 @@ def test_compile_is_tri_state_and_reads_old_configs():
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="train.compile='sometimes' is not valid"):
         cfg.override(["train.compile=sometimes"])
+    assert cfg.train.compile_mode == "auto"
     assert cfg.override(["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    # CUDA graphs where measured and tested: one CUDA process, one micro-batch per step
+    assert resolve_compile_mode("auto", "cuda", False, 1) == "reduce-overhead"
+    assert resolve_compile_mode("auto", "cuda", True, 1) == resolve_compile_mode("auto", "cuda", False, 2) == "default"
+    assert resolve_compile_mode("auto", "cpu", False, 1) == "default"
+    assert resolve_compile_mode("default", "cuda", False, 1) == "default"
     with pytest.raises(ConfigError, match="unknown train.compile_mode 'fast'"):
         cfg.override(["train.compile_mode=fast"])
 

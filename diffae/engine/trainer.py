@@ -7,8 +7,8 @@ train.max_minutes bounds the wall-clock time of one fit() call: past it the loop
 had reached train.steps (last log record, checkpoint) and says so; the budget is this call's own,
 so a resumed run gets it again.
 
-Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA; train.compile_mode
-"reduce-overhead" replays its forward and backward as CUDA graphs), gradient
+Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA; train.compile_mode,
+"auto": its forward and backward replayed as CUDA graphs on one GPU), gradient
 accumulation (train.grad_accum), activation checkpointing (model.activation_checkpointing) and
 data parallelism under torchrun (DistributedDataParallel; see engine/distributed.py).  Every
 rank draws the randomness of the whole global batch from the same seed and takes its slice, so a
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
-from ..config import Config, resolve_compile
+from ..config import Config, resolve_compile, resolve_compile_mode
 from ..data import Dataset
 from ..errors import ConfigError, DataError, DiffaeError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
@@ -247,8 +247,10 @@ class Trainer:
                 step_loss, device_ids=[self.device] if self.device.type == "cuda" else None)
         ops.set_attention_autotune(cfg.train.attn_autotune)
         self.compiled = resolve_compile(cfg.train.compile, self.device.type)
-        self.graphed = self.compiled and cfg.train.compile_mode == "reduce-overhead" and self.device.type == "cuda"
-        self.loss_fn = torch.compile(step_loss, mode=cfg.train.compile_mode) if self.compiled else step_loss
+        self.compile_mode = resolve_compile_mode(cfg.train.compile_mode, self.device.type, self.world.distributed,
+                                                 cfg.train.grad_accum) if self.compiled else None
+        self.graphed = self.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        self.loss_fn = torch.compile(step_loss, mode=self.compile_mode) if self.compiled else step_loss
         self.flops_per_image = flops.train_flops_per_image(cfg)
         self.peak_flops: float | None = None  # measured once, at the first fit() on CUDA
         # non-finite bookkeeping, all on the device: the current run of bad steps, the longest run
