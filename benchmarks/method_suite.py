@@ -200,19 +200,26 @@ def failure(proc: dict | None, log_path: Path, limit_min: float) -> str | None:
 def headline(r: dict) -> dict:
     """The numbers of the summary row from one results.json (None where not measured)."""
     reps = r.get("representation") or []
+    # results from before the "kind" field list the code, then (time-dependent encoders) the multi-level code
+    by_kind = {rep.get("kind", ("code", "multi_level")[min(i, 1)]): rep for i, rep in enumerate(reps)}
 
-    def probe(i: int) -> float | None:
-        return reps[i]["linear_probe"]["accuracy"] if len(reps) > i else None
+    def probe(kind: str) -> float | None:
+        return by_kind[kind]["linear_probe"]["accuracy"] if kind in by_kind else None
 
-    def shots(i: int) -> dict | None:
-        return {"mean": reps[i]["few_shot"]["mean"], "std": reps[i]["few_shot"]["std"]} if len(reps) > i else None
+    def shots(kind: str) -> dict | None:
+        rep = by_kind.get(kind)
+        return None if rep is None else {"mean": rep["few_shot"]["mean"], "std": rep["few_shot"]["std"]}
 
     best_t = max(r.get("detail_control") or [], key=lambda row: row["linear_probe"], default=None)
     recon = {row["steps"]: row for row in r.get("reconstruction") or []}
     fd10, fd100 = report.fd_at(r.get("generation"), 10), report.fd_at(r.get("generation"), 100)
-    return {"linear_probe": probe(0), "knn20": reps[0]["knn"]["accuracy"] if reps else None, "few_shot": shots(0),
+    code = by_kind.get("code")
+    return {"linear_probe": probe("code"), "knn20": code["knn"]["accuracy"] if code else None,
+            "few_shot": shots("code"),
             # time-dependent encoders: E(x0, t) concatenated over t, and the best single t of the detail sweep
-            "multi_level_probe": probe(1), "multi_level_few_shot": shots(1),
+            "multi_level_probe": probe("multi_level"), "multi_level_few_shot": shots("multi_level"),
+            # the features the code is read from: reported, not counted for the targets (the code is the product)
+            "pooled_probe": probe("pooled"), "pooled_few_shot": shots("pooled"),
             "best_t": None if best_t is None else {"t": best_t["t"], "linear_probe": best_t["linear_probe"]},
             "psnr_inverted_20": recon[20]["inverted_psnr"] if 20 in recon else None,
             "fd10": fd10, "fd100": fd100, "fd_ratio": fd10 / fd100 if fd10 is not None and fd100 else None}

@@ -55,4 +55,7 @@ def test_method_suite_trains_evaluates_and_summarises(tmp_path):
         assert set(r["targets"]) == {"probe >= 92 %", "10-shot >= 80 %", "FD @10 within 15 % of @100",
                                      "PSNR @20 >= 30 dB"}
     assert rows["mldae"]["headline"]["multi_level_probe"] is not None  # time-dependent: the multi-level code
+    # a static encoder has no multi-level code: its pooled features are not mistaken for one
+    assert rows["diffae"]["headline"]["multi_level_probe"] is None
+    assert all(r["headline"]["pooled_probe"] is not None for r in rows.values())
     assert (collected / "samples.png").exists() and "| mldae | ok |" in (collected / "summary.md").read_text()

@@ -93,7 +93,9 @@ def test_eval_quick_writes_results_and_figures(micro_cfg, tmp_path, capsys):
             "--data", "synthetic", "--device", "cpu", "--fd-steps", "2", "4", "--recon-steps", "3"]
     assert main(argv) == 0
     r = json.loads((out / "results.json").read_text())
-    assert [rep["dim"] for rep in r["representation"]] == [8, 24]
+    # the code, the multi-level code (3 t), the pooled features below the code head (encoder.dim)
+    assert [(rep["kind"], rep["dim"]) for rep in r["representation"]] == [("code", 8), ("multi_level", 24),
+                                                                          ("pooled", 32)]
     for rep in r["representation"]:
         assert 0 <= rep["linear_probe"]["accuracy"] <= 1 and 0 <= rep["few_shot"]["mean"] <= 1
     assert [row["t"] for row in r["detail_control"]] == [0.25, 0.75]

@@ -3,7 +3,7 @@ import torch
 
 from diffae.config import PRESETS, get_preset
 from diffae.errors import InputError
-from diffae.nn.autoencoder import DiffusionAutoencoder
+from diffae.nn.autoencoder import DEFAULT_CODE_T, DiffusionAutoencoder
 
 
 def _images(cfg, b=2, seed=0):
@@ -93,6 +93,21 @@ def test_multi_level_encoding_concatenates(micro_cfg):
     static = DiffusionAutoencoder(micro_cfg)
     with pytest.raises(InputError, match="time-dependent"):
         static.encode(x, [0.1, 0.5])
+
+
+@pytest.mark.parametrize("kind", ["time", "static"])
+def test_pooled_features_are_what_the_code_is_read_from(micro_cfg, kind):
+    cfg = micro_cfg.override([f"encoder.kind={kind}"])
+    model = DiffusionAutoencoder(cfg).eval()
+    torch.nn.init.normal_(model.encoder.head.proj.weight)  # not the zero init: the check could not fail
+    x = _images(cfg, b=3)
+    h = model.encode(x, 0.3 if kind == "time" else None, pooled=True)
+    assert h.shape == (3, cfg.encoder.dim)
+    z = model.encode(x, 0.3 if kind == "time" else None)
+    torch.testing.assert_close(model.encoder.head(h).embedding, z)
+    if kind == "time":  # t=None reads the default code t, as the code does
+        torch.testing.assert_close(model.encode(x, pooled=True), model.encode(x, DEFAULT_CODE_T, pooled=True))
+        assert model.encode(x, [0.1, 0.9], pooled=True).shape == (3, 2 * cfg.encoder.dim)
 
 
 @pytest.mark.parametrize("bad, message", [

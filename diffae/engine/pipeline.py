@@ -156,12 +156,13 @@ class Pipeline:
 
     # --- public -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, t: float | list[float] | None = None, batch_size: int = 512):
+    def encode(self, images: torch.Tensor, t: float | list[float] | None = None, batch_size: int = 512,
+               pooled: bool = False):
         images = self._as_images(images)
         outs = []
         for i in range(0, images.shape[0], batch_size):
             with autocast(self.device, self.cfg.train.bf16):
-                outs.append(self.model.encode(images[i:i + batch_size], t).float())
+                outs.append(self.model.encode(images[i:i + batch_size], t, pooled).float())
         return torch.cat(outs)
 
     @torch.no_grad()

@@ -77,13 +77,13 @@ def _subset(data, n: int | None, seed: int, shuffle: bool):
     return data.images[idx], None if data.labels is None else data.labels[idx]
 
 
-def _evaluate_embedding(name, tr, te, ytr, yte, seed) -> dict:
+def _evaluate_embedding(name, kind, tr, te, ytr, yte, seed) -> dict:
     lp = probe.linear_probe(tr, ytr, te, yte, seed=seed)
     knn = probe.knn_accuracy(tr, ytr, te, yte, k=20)
     fs = probe.few_shot(tr, ytr, te, yte, shots=10, draws=5, seed=seed)
     _log(f"{name}: linear probe {lp['accuracy']:.4f}, kNN {knn['accuracy']:.4f}, "
          f"10-shot {fs['mean']:.4f} ± {fs['std']:.4f}")
-    return {"name": name, "dim": int(tr.shape[1]), "linear_probe": lp, "knn": knn, "few_shot": fs}
+    return {"name": name, "kind": kind, "dim": int(tr.shape[1]), "linear_probe": lp, "knn": knn, "few_shot": fs}
 
 
 def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = None,
@@ -142,14 +142,18 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
         else:
             with timed("representation"):
                 reps = []
-                specs = [(f"E(x0, t={DEFAULT_CODE_T:g})" if time_dep else "E(x0)", None)]
+                code = f"E(x0, t={DEFAULT_CODE_T:g})" if time_dep else "E(x0)"
+                # kind: "code" (z), "multi_level" (z over several t), "pooled" (what the latent head
+                # reads: the usual probe readout below a projection head, reported beside the code)
+                specs = [(code, "code", None)]
                 if time_dep:
                     specs.append((f"E(x0, t) concatenated over t = {', '.join(f'{t:g}' for t in o.multi_t)}",
-                                  list(o.multi_t)))
-                for name, t in specs:
-                    tr = pipe.encode(tr_x, t, batch_size=o.batch_size)
-                    te = pipe.encode(te_x, t, batch_size=o.batch_size)
-                    reps.append(_evaluate_embedding(name, tr, te, tr_y, te_y, o.seed))
+                                  "multi_level", list(o.multi_t)))
+                specs.append((f"{code}'s pooled features, before the code head", "pooled", None))
+                for name, kind, t in specs:
+                    tr = pipe.encode(tr_x, t, batch_size=o.batch_size, pooled=kind == "pooled")
+                    te = pipe.encode(te_x, t, batch_size=o.batch_size, pooled=kind == "pooled")
+                    reps.append(_evaluate_embedding(name, kind, tr, te, tr_y, te_y, o.seed))
                     if main_test_emb is None:
                         main_test_emb = te
                 results["representation"] = reps

@@ -86,16 +86,23 @@ class DiffusionAutoencoder(nn.Module):
 
     # --- public API -------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, x0: torch.Tensor, t: float | list[float] | None = None) -> torch.Tensor:
+    def encode(self, x0: torch.Tensor, t: float | list[float] | None = None, pooled: bool = False) -> torch.Tensor:
         """Semantic embedding of images in [-1, 1]: (B, z_dim), or (B, len(t) * z_dim) when t is a
-        list (a time-dependent encoder's codes at several noise levels, concatenated)."""
+        list (a time-dependent encoder's codes at several noise levels, concatenated).  pooled: the
+        encoder's pooled features that the code is read from instead, (B, encoder.dim) per t (a
+        probe's usual readout below a projection head)."""
         self.check_images(x0)
         if t is None or isinstance(t, (int, float)):
-            tt = None if t is None else torch.full((x0.shape[0],), float(t), device=x0.device)
+            if not self.encoder.time_dependent:
+                tt = None
+            else:
+                tt = torch.full((x0.shape[0],), DEFAULT_CODE_T if t is None else float(t), device=x0.device)
+            if pooled:
+                return self.encoder.features(x0, tt).float()
             return self.encode_latent(x0, tt).embedding.float()
         if not self.encoder.time_dependent:
             raise InputError("a list of t needs a time-dependent encoder (encoder.kind='time')")
-        return torch.cat([self.encode(x0, float(ti)) for ti in t], -1)
+        return torch.cat([self.encode(x0, float(ti), pooled) for ti in t], -1)
 
     def draw_noise(self, n: int, device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The randomness of one loss evaluation on n images: times "t" (n,), Gaussian noise "eps"

@@ -36,6 +36,10 @@ class Encoder(nn.Module):
     def forward(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False,
                 noise: torch.Tensor | None = None) -> Latent:
         """noise: the latent head's sampling noise (see its draw_noise), drawn by the head if None."""
+        return self.head(self.features(x0, t), sample=sample, noise=noise)
+
+    def features(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled, normalised tokens (B, dim) that the latent head maps to the code."""
         B = x0.shape[0]
         if self.time_dependent:
             if t is None:
@@ -46,7 +50,7 @@ class Encoder(nn.Module):
             mods = [m.expand(B, -1) for m in self.mods]
         mods.append(None)  # nothing follows the last block
         r, _ = run_blocks(self.blocks, self.checkpointing, self.x_embed(x0), mods)
-        return self.head(self.norm(r.mean(1).float()), sample=sample, noise=noise)  # pooled (B, dim) -> Latent
+        return self.norm(r.mean(1).float())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of diffae <= 0.1.0 hold a static encoder as a constant c and per-block
