@@ -65,9 +65,13 @@ class DiffusionAutoencoder(nn.Module):
     # --- the two networks -------------------------------------------------------------------
     def encode_latent(self, x0: torch.Tensor, t: torch.Tensor | None = None, sample: bool = False,
                       noise: torch.Tensor | None = None) -> Latent:
-        if self.encoder.time_dependent and t is None:
-            t = torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device)
-        return self.encoder(x0, t if self.encoder.time_dependent else None, sample=sample, noise=noise)
+        return self.encoder(x0, self._code_t(x0, t), sample=sample, noise=noise)
+
+    def _code_t(self, x0: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The encoder's t: DEFAULT_CODE_T where none is given, None for a static encoder."""
+        if not self.encoder.time_dependent:
+            return None
+        return torch.full((x0.shape[0],), DEFAULT_CODE_T, device=x0.device) if t is None else t
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, net=None,
                 cond=None) -> torch.Tensor:
@@ -93,12 +97,9 @@ class DiffusionAutoencoder(nn.Module):
         probe's usual readout below a projection head)."""
         self.check_images(x0)
         if t is None or isinstance(t, (int, float)):
-            if not self.encoder.time_dependent:
-                tt = None
-            else:
-                tt = torch.full((x0.shape[0],), DEFAULT_CODE_T if t is None else float(t), device=x0.device)
+            tt = None if t is None else torch.full((x0.shape[0],), float(t), device=x0.device)
             if pooled:
-                return self.encoder.features(x0, tt).float()
+                return self.encoder.features(x0, self._code_t(x0, tt)).float()
             return self.encode_latent(x0, tt).embedding.float()
         if not self.encoder.time_dependent:
             raise InputError("a list of t needs a time-dependent encoder (encoder.kind='time')")
