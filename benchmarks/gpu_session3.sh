@@ -10,8 +10,8 @@
 #                                          # fixed configs; every compile on cold caches
 #   bash benchmarks/gpu_session3.sh small  # GPU tests (the step's sync-free check among them); mldae's
 #                                          # training step timed alone and under the profiler
-#   bash benchmarks/gpu_session3.sh graphs # GPU training tests; mldae's and dae-b's compiled step with and
-#                                          # without CUDA graphs (train.compile_mode=reduce-overhead)
+#   bash benchmarks/gpu_session3.sh graphs # GPU training tests; dae-b's compiled step (train.compile_mode=auto:
+#                                          # CUDA graphs) beside the compiled yardstick
 #   bash benchmarks/gpu_session3.sh long-start [ARGS]  # method_suite.py in the background (setsid: it
 #          outlives this call), then waits out the call; long-finish waits for it and collects
 #          its summary: a run longer than one call (MINUTES, default 14, e.g. --presets mldae)
@@ -73,12 +73,8 @@ case "${1:-train}" in
     grep -v "^W\|profiler" "$OUT/profile-mldae.txt" | tail -36 ;;
   graphs)
     gpu_tests tests/test_training.py
-    for p in "mldae --img 28 --channels 1" "dae-b --img 32 --channels 3"; do
-      for mode in default reduce-overhead; do
-        timeout "$(left 560)" python3 benchmarks/bench_train.py throughput --preset $p --batch 256 --compile-mode $mode \
-          --no-yardstick --results "$OUT" 2>&1 | grep "^{\|Error" | tail -3
-      done
-    done | tee "$OUT/train-graphs.log" ;;
+    timeout "$(left 570)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
+      | tee "$OUT/train-b.log" ;;
   long-start)
     mkdir -p /tmp/long
     setsid nohup timeout 1700 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-14}" \
