@@ -14,7 +14,8 @@
 #                                          # CUDA graphs) beside the compiled yardstick
 #   bash benchmarks/gpu_session3.sh long-start [ARGS]  # method_suite.py in the background (setsid: it
 #          outlives this call), then waits out the call; long-finish waits for it and collects
-#          its summary: a run longer than one call (MINUTES, default 14, e.g. --presets mldae)
+#          its summary and eval.tar (each preset's eval/ and train.log): a run longer than one call
+#          (MINUTES, default 14, e.g. --presets mldae)
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
@@ -84,7 +85,9 @@ case "${1:-train}" in
   long-finish)  # waits (within this call) for long-start's run, then hands back what it collected
     while [ ! -s /tmp/long/summary.md ] && pgrep -f method_suite.py > /dev/null && [ "$(left 560)" -gt 0 ]; do
       sleep 10; done
-    tail -5 /tmp/long/run.log; cp /tmp/long/* "$OUT"/ 2>/dev/null ;;
+    tail -5 /tmp/long/run.log; cp /tmp/long/* "$OUT"/ 2>/dev/null
+    # each preset's eval folder (report, plots, sample grids) and train.log as one file: few files come back
+    (cd /tmp/suite && tar cf "$OUT/eval.tar" --exclude="*.pt" */eval */train.log) 2>/dev/null ;;
   final)
     timeout 240 python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -30
