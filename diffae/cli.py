@@ -91,12 +91,14 @@ def cmd_train(a) -> int | None:
         except TrainingInterrupted as exc:  # SIGINT -> 130, SIGTERM -> 143, after saving
             print(f"diffae: {exc}", file=sys.stderr)
             return exc.exit_code
+        fit_prior = a.prior_steps and cfg.encoder.latent != "bernoulli"
+        state = trainer.state() if fit_prior else None  # sharded: every rank takes part in gathering it
         if not world.main:
             return None  # rank 0 alone trains the latent prior and writes
-        if a.prior_steps and cfg.encoder.latent != "bernoulli":
+        if fit_prior:
             print(f"training the latent prior ({a.prior_steps} steps)", file=sys.stderr)
-            prior = train_latent_prior(trainer.ema, data.images, steps=a.prior_steps, quiet=a.quiet)
-            state = trainer.state()
+            prior = train_latent_prior(trainer.inference_ema(state), data.images, steps=a.prior_steps,
+                                       quiet=a.quiet)
             state["latent_prior"] = {**prior.config(), "state": prior.state_dict()}
             checkpoint.save(path, state)
     print(f"checkpoint: {path}")

@@ -22,6 +22,7 @@ T_SAMPLINGS = ("uniform", "logit-normal", "uniform-sigma")
 # graphs, for small presets whose step the host's kernel launches would otherwise bound; "auto"
 # picks it where it is measured and tested (see resolve_compile_mode)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -89,6 +90,9 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile the loss: "auto" (on for CUDA, off for CPU), true, false
     compile_mode: str = "auto"  # one of COMPILE_MODES
     grad_accum: int = 1           # micro-batches per optimizer step; the step still sees batch_size images
+    # under torchrun: "ddp" (every rank holds the whole model, optimizer and EMA) or "fsdp" (FSDP2:
+    # each rank holds 1 / world size of them, gathered per block, for models that do not fit)
+    data_parallel: str = "ddp"
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -137,6 +141,7 @@ class Config:
         t = self.train
         t.compile = parse_compile(t.compile)
         _choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
+        _choice("train.data_parallel", t.data_parallel, DATA_PARALLEL)
         if t.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {t.grad_accum}")
         if not t.max_minutes >= 0:  # also refuses NaN

@@ -1,6 +1,6 @@
-"""Data-parallel training on the CPU: `torchrun --nproc-per-node 2 -m diffae train` with gloo
-gives the run of one process on the same global batch (up to the order of floating-point sums),
-and a 2-process checkpoint resumes on 1 process.
+"""Data-parallel training on the CPU: `torchrun --nproc-per-node 2 -m diffae train` with gloo,
+replicated (DDP) or sharded (FSDP2), gives the run of one process on the same global batch (up to
+the order of floating-point sums), and its checkpoint resumes on another number of processes.
 
 torchrun --standalone picks a free port for the rendezvous; the two workers are real processes
 running the CLI, as on a GPU machine.
@@ -26,11 +26,12 @@ ARGS = ["--data", "synthetic", "--batch-size", "16", "--prior-steps", "0", "--qu
                        "train.warmup_steps=2", "train.log_every=2", "train.lr=2e-3") for a in ("--set", kv)]]
 
 
-def _torchrun(nproc: int, argv: list[str]) -> None:
+def _torchrun(nproc: int, argv: list[str], script: Path | None = None) -> None:
+    """`torchrun -m diffae ARGV`, or the script with ARGV."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", "-m", "diffae", *argv],
+                           f"--nproc-per-node={nproc}", *([str(script)] if script else ["-m", "diffae"]), *argv],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -57,6 +58,59 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     assert main(["train", "--out", str(one), "--steps", "4", *ARGS]) == 0
     _assert_same_run(two, one)
     # the 2-process checkpoint continues on 1 process with the same data order and noise
+    assert main(["train", "--out", str(two), "--steps", "8", "--resume", *ARGS]) == 0
+    assert main(["train", "--out", str(one), "--steps", "8", "--resume", *ARGS]) == 0
+    _assert_same_run(two, one)
+
+
+FSDP = ["--set", "train.data_parallel=fsdp"]
+
+# what each rank holds after sharding: its local elements of the model's and the EMA's weights,
+# and of the optimizer state after one step
+_SHARD_SIZES = """
+import json, sys, torch
+from diffae.config import get_preset
+from diffae.data import load
+from diffae.engine import distributed, sharding
+from diffae.engine.trainer import Trainer
+cfg = get_preset("dae-tiny").override(["train.dataset=synthetic", "train.data_parallel=fsdp", "train.compile=false",
+                                       "train.batch_size=8"])
+world, device = distributed.init(torch.device("cpu"))
+trainer = Trainer(cfg, load("synthetic", "train"), sys.argv[1], "cpu", quiet=True)
+trainer.train_step()
+size = lambda ts: sum(sharding.local(t).numel() for t in ts)
+state = [v for s in trainer.opt.state.values() for k, v in s.items() if k != "step"]
+whole = sum(p.numel() for p in trainer.model.parameters())
+print(json.dumps({"rank": world.rank, "whole": whole, "model": size(trainer.model.parameters()),
+                  "ema": size(trainer.ema.parameters()), "adam": size(state)}), file=open(f"{sys.argv[1]}/{world.rank}.json", "w"))
+"""
+
+
+def test_fsdp_holds_a_shard_of_the_weights_optimizer_and_ema_on_each_rank(tmp_path):
+    script = tmp_path / "shard_sizes.py"
+    script.write_text(_SHARD_SIZES)
+    _torchrun(2, [str(tmp_path)], script)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    whole = ranks[0]["whole"]
+    for r in ranks:  # each rank about half (dim-0 shards: a few rows of padding at most)
+        assert 0.45 * whole < r["model"] < 0.55 * whole, r
+        assert r["ema"] == r["model"] and r["adam"] == 2 * r["model"], r
+    assert sum(r["model"] for r in ranks) == whole
+
+
+def test_fsdp_trains_like_one_process_and_resumes_on_either(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    # sharded over 2 ranks x 2 micro-batches, and the latent prior fitted from the gathered EMA
+    _torchrun(2, ["train", "--out", str(two), "--steps", "4", "--set", "train.grad_accum=2", *ARGS, *FSDP,
+                  "--prior-steps", "2"])
+    assert "latent_prior" in checkpoint.load(two / "last.pt")
+    assert main(["train", "--out", str(one), "--steps", "4", *ARGS]) == 0
+    _assert_same_run(two, one)
+    # the sharded checkpoint (one process's layout) resumes sharded, its optimizer state re-sharded
+    _torchrun(2, ["train", "--out", str(two), "--steps", "6", "--resume", *ARGS, *FSDP])
+    assert main(["train", "--out", str(one), "--steps", "6", "--resume", *ARGS]) == 0
+    _assert_same_run(two, one)
+    # and on one process
     assert main(["train", "--out", str(two), "--steps", "8", "--resume", *ARGS]) == 0
     assert main(["train", "--out", str(one), "--steps", "8", "--resume", *ARGS]) == 0
     _assert_same_run(two, one)

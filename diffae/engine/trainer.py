@@ -10,7 +10,8 @@ so a resumed run gets it again.
 Throughput options: torch.compile of the loss (train.compile, "auto": on CUDA; train.compile_mode,
 "auto": its forward and backward replayed as CUDA graphs on one GPU), gradient
 accumulation (train.grad_accum), activation checkpointing (model.activation_checkpointing) and
-data parallelism under torchrun (DistributedDataParallel; see engine/distributed.py).  Every
+data parallelism under torchrun (train.data_parallel: DistributedDataParallel, see
+engine/distributed.py, or FSDP2, which shards the model, optimizer and EMA, see engine/sharding.py).  Every
 rank draws the randomness of the whole global batch from the same seed and takes its slice, so a
 run does not depend on the number of ranks or micro-batches, and resumes on any number of them.
 The log reports images/s and, on CUDA, MFU (engine/flops.py).
@@ -49,7 +50,7 @@ from ..errors import ConfigError, DataError, DiffaeError, OutputError
 from ..nn.autoencoder import DiffusionAutoencoder
 from ..nn.latent_prior import LatentPrior
 from ..profiling import TraceWindow, nvtx_range
-from . import checkpoint, distributed, flops
+from . import checkpoint, distributed, flops, sharding
 from .lock import RunLock
 from .progress import Progress
 
@@ -124,7 +125,8 @@ def _oom_message(exc: BaseException, cfg: Config, device: torch.device, where: s
     return (f"out of {'GPU ' if device.type == 'cuda' else ''}memory {where} (preset {cfg.preset!r}, batch size "
             f"{bs}, on {device}): {detail or 'out of memory'}; try --batch-size {max(bs // 2, 1)}, a smaller preset, "
             f"or trade time for memory with gradient accumulation (--set train.grad_accum=2) or activation "
-            f"checkpointing (--set model.activation_checkpointing=true); {ckpt}")
+            f"checkpointing (--set model.activation_checkpointing=true), or under torchrun shard the model "
+            f"over the GPUs (--set train.data_parallel=fsdp); {ckpt}")
 
 
 def _rng_state(device: torch.device, data_gen: torch.Generator) -> dict:
@@ -233,6 +235,11 @@ class Trainer:
         except torch.OutOfMemoryError as exc:
             raise TrainingOutOfMemory(_oom_message(exc, cfg, self.device, "while placing the model and data",
                                                    "nothing was written")) from None
+        self.sharded = self.world.distributed and cfg.train.data_parallel == "fsdp"
+        # a resumed run's weights go into the whole model, before sharding splits it
+        payload = self._load_weights() if resume and self.ckpt_path.exists() else None
+        if self.sharded:
+            sharding.shard(self.model, self.ema, self.world, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, cfg, self.device)
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -241,7 +248,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.ddp = None
         step_loss = _StepLoss(self.model)
-        if self.world.distributed:
+        if self.world.distributed and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = step_loss = DistributedDataParallel(
                 step_loss, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -259,25 +266,44 @@ class Trainer:
         self._bad_run, self._bad_max, self._bad_total = zero.clone(), zero.clone(), zero.clone()
         self.last_ok = torch.ones((), dtype=torch.bool, device=self.device)
         self.nonfinite_total = 0  # host copy, refreshed at each check
-        if resume and self.ckpt_path.exists():
-            self._resume()
+        if payload is not None:
+            self._load_training_state(payload)
 
     # --- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"config": self.cfg.to_json(), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.opt.state_dict(), "step": self.step, "sampler": self.sampler.state_dict(),
+        """The checkpoint's contents.  Sharded, every rank must call it (it gathers the shards) and
+        rank 0 alone gets the weights and optimizer state: the layout of one process either way."""
+        if self.sharded:
+            weights = {"model": sharding.full_state(self.model), "ema": sharding.full_state(self.ema),
+                       "optimizer": sharding.full_optimizer_state(self.model, self.opt)}
+        else:
+            weights = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                       "optimizer": self.opt.state_dict()}
+        return {"config": self.cfg.to_json(), **weights, "step": self.step, "sampler": self.sampler.state_dict(),
                 "rng": _rng_state(self.device, self.data_gen)}
+
+    def inference_ema(self, state: dict) -> DiffusionAutoencoder:
+        """The EMA model whole on this device, for rank 0's work after training (the latent prior):
+        the EMA itself, or, sharded, one rebuilt from the weights a state() call gathered."""
+        if not self.sharded:
+            return self.ema
+        ema = DiffusionAutoencoder(self.cfg).to(self.device)
+        ema.load_state_dict(state["ema"])
+        return ema.eval().requires_grad_(False)
 
     def save(self) -> Path:
         """Write last.pt, refusing (NonFiniteError) to replace it with non-finite weights."""
         with torch.no_grad():
-            norms = torch._foreach_norm(list(self.model.parameters()) + list(self.ema.parameters()))
-            finite = bool(torch.isfinite(torch.stack(norms)).all())  # one sync per checkpoint
-        if not finite:  # the same on every rank: their weights are identical
+            weights = [sharding.local(p) for p in [*self.model.parameters(), *self.ema.parameters()]]
+            finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(weights))).all())  # one sync per checkpoint
+        if self.sharded:  # each rank checked its own shards: agree
+            finite = not distributed.max_(int(not finite), self.world, self.device)
+        if not finite:  # the same on every rank (replicas are identical, shards agreed)
             raise NonFiniteError(f"the weights became non-finite by step {self.step}; not saving them, "
                                  f"{self._last_good()}")
+        state = self.state() if self.world.main or self.sharded else None  # sharded: a collective
         if self.world.main:
-            checkpoint.save(self.ckpt_path, self.state())
+            checkpoint.save(self.ckpt_path, state)
         self.saved_step = self.step
         return self.ckpt_path
 
@@ -286,17 +312,26 @@ class Trainer:
             return f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
         return "no checkpoint was written"
 
-    def _resume(self) -> None:
-        payload = checkpoint.load(self.ckpt_path, map_location=self.device)
+    def _load_weights(self) -> dict:
+        """Read the checkpoint to resume and load its model and EMA weights; returns it."""
+        # sharded runs keep it on the CPU: each rank copies only its shards to the device
+        payload = checkpoint.load(self.ckpt_path, map_location="cpu" if self.sharded else self.device)
         saved = checkpoint.config_of(payload, self.ckpt_path)
         if _architecture(saved) != _architecture(self.cfg):
             raise ConfigError(f"{self.ckpt_path} was trained with preset {saved.preset!r} and a different "
                               f"architecture than {self.cfg.preset!r}; resume with the same preset")
         checkpoint.load_model_state(self.model, payload["model"], self.ckpt_path)
         checkpoint.load_model_state(self.ema, payload["ema"], self.ckpt_path, "EMA")
+        return payload
+
+    def _load_training_state(self, payload: dict) -> None:
+        """The rest of a resume, once the optimizer exists: its state, the step, data order, RNG."""
         try:
-            self.opt.load_state_dict(payload["optimizer"])
-        except ValueError as exc:  # e.g. a checkpoint from a diffae whose model had other parameters
+            if self.sharded:
+                sharding.load_optimizer_state(self.model, self.opt, payload["optimizer"])
+            else:
+                self.opt.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError) as exc:  # e.g. a checkpoint from a diffae whose model had other parameters
             raise checkpoint.CheckpointError(f"{self.ckpt_path}: its optimizer state does not fit this model "
                                              f"({exc}); start a new run from its weights instead") from None
         self.step = int(payload["step"])
@@ -332,9 +367,11 @@ class Trainer:
         losses = None
         for i in range(accum):
             part = slice(i * micro, (i + 1) * micro)
-            # DDP reduces the gradients in the backward of the last micro-batch only
-            sync = i == accum - 1 or self.ddp is None
-            with nullcontext() if sync else self.ddp.no_sync():
+            # the gradients are reduced in the backward of the last micro-batch only
+            sync = i == accum - 1
+            if self.sharded:
+                self.model.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
                 with nvtx_range("forward"), autocast(self.device, t.bf16):
                     out = self.loss_fn(x0[part], {k: v[part] for k, v in noise.items()})
                 with nvtx_range("backward"):
@@ -351,7 +388,7 @@ class Trainer:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             # a NaN/Inf anywhere in the loss or the gradients makes this False, on the device; the
             # gradients are reduced and the loss averaged over ranks, so every rank agrees
-            ok = torch.isfinite(norm) & torch.isfinite(losses[0])
+            ok = torch.isfinite(sharding.whole(norm)) & torch.isfinite(losses[0])
             self.opt.found_inf = (~ok).float()  # fused AdamW skips the update when it is 1
             self.opt.step()
         with nvtx_range("ema"):
