@@ -100,17 +100,20 @@ def test_fsdp_holds_a_shard_of_the_weights_optimizer_and_ema_on_each_rank(tmp_pa
 
 def test_fsdp_trains_like_one_process_and_resumes_on_either(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    # sharded over 2 ranks x 2 micro-batches, and the latent prior fitted from the gathered EMA
-    _torchrun(2, ["train", "--out", str(two), "--steps", "4", "--set", "train.grad_accum=2", *ARGS, *FSDP,
-                  "--prior-steps", "2"])
+    # z as cross-attention tokens: their key/value projections run outside the sharded sublayers
+    args = [*ARGS, "--set", "model.conditioning=cross-attn"]
+    # sharded over 2 ranks x 2 micro-batches, blocks recomputed in the backward (activation
+    # checkpointing gathers their shards again), and the latent prior fitted from the gathered EMA
+    _torchrun(2, ["train", "--out", str(two), "--steps", "4", "--set", "train.grad_accum=2", *args, *FSDP,
+                  "--set", "model.activation_checkpointing=true", "--prior-steps", "2"])
     assert "latent_prior" in checkpoint.load(two / "last.pt")
-    assert main(["train", "--out", str(one), "--steps", "4", *ARGS]) == 0
+    assert main(["train", "--out", str(one), "--steps", "4", *args]) == 0
     _assert_same_run(two, one)
     # the sharded checkpoint (one process's layout) resumes sharded, its optimizer state re-sharded
-    _torchrun(2, ["train", "--out", str(two), "--steps", "6", "--resume", *ARGS, *FSDP])
-    assert main(["train", "--out", str(one), "--steps", "6", "--resume", *ARGS]) == 0
+    _torchrun(2, ["train", "--out", str(two), "--steps", "6", "--resume", *args, *FSDP])
+    assert main(["train", "--out", str(one), "--steps", "6", "--resume", *args]) == 0
     _assert_same_run(two, one)
     # and on one process
-    assert main(["train", "--out", str(two), "--steps", "8", "--resume", *ARGS]) == 0
-    assert main(["train", "--out", str(one), "--steps", "8", "--resume", *ARGS]) == 0
+    assert main(["train", "--out", str(two), "--steps", "8", "--resume", *args]) == 0
+    assert main(["train", "--out", str(one), "--steps", "8", "--resume", *args]) == 0
     _assert_same_run(two, one)
