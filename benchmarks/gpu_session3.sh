@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session3.sh small  # GPU tests (the step's sync-free check among them); mldae's
 #                                          # training step timed alone and under the profiler
 #   bash benchmarks/gpu_session3.sh graphs # GPU training tests; dae-b's compiled step (train.compile_mode=auto:
-#                                          # CUDA graphs) beside the compiled yardstick
+#                                          # CUDA graphs) beside the compiled yardstick; dae-l at 64x64, batch 32
 #   bash benchmarks/gpu_session3.sh long-start [ARGS]  # method_suite.py in the background (setsid: it
 #          outlives this call), then waits out the call; long-finish waits for it and collects
 #          its summary and eval.tar (each preset's eval/ and train.log): a run longer than one call
@@ -72,10 +72,13 @@ case "${1:-train}" in
     timeout "$(left 580)" python3 benchmarks/profile_train.py --preset mldae --img 28 --channels 1 --batch 256 \
       --out /tmp/prof --rows 30 > "$OUT/profile-mldae.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile-mldae.txt" | tail -36 ;;
-  graphs)
+  graphs)  # STAGE_S (default 570): this call's seconds, for a call on what is left of the device time
+    S=${STAGE_S:-570}
     gpu_tests tests/test_training.py
-    timeout "$(left 570)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
-      | tee "$OUT/train-b.log" ;;
+    timeout "$(left "$S")" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
+      | tee "$OUT/train-b.log"
+    timeout "$(left "$S")" python3 benchmarks/bench_train.py throughput --preset dae-l --img 64 --channels 3 \
+      --batch 32 --no-yardstick --results "$OUT" 2>&1 | grep "^{\|Error" | tee "$OUT/train-l.log" ;;
   long-start)
     mkdir -p /tmp/long
     setsid nohup timeout 1700 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-14}" \
