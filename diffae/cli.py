@@ -80,7 +80,8 @@ def cmd_train(a) -> int | None:
         profiling.enable(True)
     trainer = Trainer(cfg, data, out, device, resume=a.resume, quiet=a.quiet, profile=window)
     if world.main:
-        on = f"{world.size} x {device.type}" if world.distributed else str(device)
+        on = (f"{world.size} x {device.type} ({'FSDP2, sharded' if trainer.sharded else 'DDP'})"
+              if world.distributed else str(device))
         print(f"training {cfg.preset} on {data.name} ({len(data)} images) on {on}"
               f"{(' (compiled, CUDA graphs)' if trainer.graphed else ' (compiled)') if trainer.compiled else ''}; "
               f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters -> {out}", file=sys.stderr)

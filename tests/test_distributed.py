@@ -26,14 +26,15 @@ ARGS = ["--data", "synthetic", "--batch-size", "16", "--prior-steps", "0", "--qu
                        "train.warmup_steps=2", "train.log_every=2", "train.lr=2e-3") for a in ("--set", kv)]]
 
 
-def _torchrun(nproc: int, argv: list[str], script: Path | None = None) -> None:
-    """`torchrun -m diffae ARGV`, or the script with ARGV."""
+def _torchrun(nproc: int, argv: list[str], script: Path | None = None) -> str:
+    """`torchrun -m diffae ARGV`, or the script with ARGV; returns its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *([str(script)] if script else ["-m", "diffae"]), *argv],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stderr
 
 
 def _losses(run: Path) -> list[float]:
@@ -104,8 +105,9 @@ def test_fsdp_trains_like_one_process_and_resumes_on_either(tmp_path):
     args = [*ARGS, "--set", "model.conditioning=cross-attn"]
     # sharded over 2 ranks x 2 micro-batches, blocks recomputed in the backward (activation
     # checkpointing gathers their shards again), and the latent prior fitted from the gathered EMA
-    _torchrun(2, ["train", "--out", str(two), "--steps", "4", "--set", "train.grad_accum=2", *args, *FSDP,
-                  "--set", "model.activation_checkpointing=true", "--prior-steps", "2"])
+    log = _torchrun(2, ["train", "--out", str(two), "--steps", "4", "--set", "train.grad_accum=2", *args, *FSDP,
+                        "--set", "model.activation_checkpointing=true", "--prior-steps", "2"])
+    assert "on 2 x cpu (FSDP2, sharded)" in log
     assert "latent_prior" in checkpoint.load(two / "last.pt")
     assert main(["train", "--out", str(one), "--steps", "4", *args]) == 0
     _assert_same_run(two, one)
