@@ -30,6 +30,7 @@ def test_unknown_preset_names_the_choices():
     ("model.patch=3", "does not divide"),
     ("diffusion.t_max=0.0", "t_min < diffusion.t_max"),
     ("diffusion.prediction=score", "needs diffusion.process='ve'"),
+    ("train.data_parallel=zero3", "unknown train.data_parallel 'zero3'"),
 ])
 def test_bad_overrides_are_named(assignment, message):
     with pytest.raises(ConfigError, match=message):
