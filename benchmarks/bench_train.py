@@ -60,6 +60,7 @@ def add_trainer_args(p: argparse.ArgumentParser, batch: int = 256) -> None:
                    help="torch.compile the loss (default: on CUDA)")
     p.add_argument("--compile-mode", default="auto", help="train.compile_mode")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--data-parallel", default="ddp", help="train.data_parallel under torchrun: ddp or fsdp")
     p.add_argument("--activation-checkpointing", action="store_true")
 
 
@@ -69,6 +70,7 @@ def make_trainer(a, device: torch.device, out: Path) -> Trainer:
     cfg = get_preset(a.preset).override([
         f"model.img_size={a.img}", f"model.channels={a.channels}", f"train.batch_size={a.batch}",
         f"train.compile={compile_}", f"train.compile_mode={a.compile_mode}", f"train.grad_accum={a.grad_accum}",
+        f"train.data_parallel={a.data_parallel}",
         f"model.activation_checkpointing={str(a.activation_checkpointing).lower()}",
         "train.log_every=1000000", "train.ckpt_every=1000000"])
     g = torch.Generator().manual_seed(0)
@@ -138,6 +140,7 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
     mfu = flops.mfu(flops_per_image, img_per_s, peak, world.size)
     rec = {"what": "diffae_train", "preset": a.preset, "img": a.img, "channels": a.channels, "batch": a.batch,
            "gpus": world.size if cuda else 0, "processes": world.size, "grad_accum": a.grad_accum,
+           "data_parallel": ("fsdp" if trainer.sharded else "ddp") if world.distributed else None,
            "activation_checkpointing": a.activation_checkpointing, "compile": trainer.compiled,
            "compile_mode": trainer.compile_mode,
            "img_per_s": round(img_per_s, 1), "step_ms": round(1e3 * step_s, 2),
@@ -172,7 +175,7 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
                 "mfu_ratio": None if not (mfu and ys_mfu) else round(mfu / ys_mfu, 3)}
             print(json.dumps(payload["comparison"]), flush=True)
     tag = (f"train-{a.preset}-{a.img}px-b{a.batch}{'-compiled' if rec['compile'] else ''}"
-           f"{f'-x{world.size}' if world.distributed else ''}{f'-accum{a.grad_accum}' if a.grad_accum > 1 else ''}"
+           f"{f'-x{world.size}' if world.distributed else ''}{'-fsdp' if rec['data_parallel'] == 'fsdp' else ''}{f'-accum{a.grad_accum}' if a.grad_accum > 1 else ''}"
            f"{'-ckpt' if a.activation_checkpointing else ''}"
            f"{'-graphed' if cuda and rec['compile_mode'] == 'reduce-overhead' else ''}")
     print(f"wrote {write_result(tag, payload, a.results)}", flush=True)

@@ -5,7 +5,8 @@
 #                                                # peak memory, and the compiled yardstick in the same call
 #   bash benchmarks/gpu_session_train.sh l       # dae-l 64x64x3 batch 32, the same
 #   bash benchmarks/gpu_session_train.sh ddp     # on nvidia-h200-x2: dae-b batch 256 over 2 GPUs (torchrun),
-#                                                # 1 GPU beside it, the CLI under torchrun (MFU in metrics.jsonl)
+#                                                # 1 GPU beside it, then sharded (FSDP2), the CLI under torchrun
+#                                                # (MFU in metrics.jsonl)
 #   bash benchmarks/gpu_session_train.sh profile # top kernels of a compiled dae-b step, Chrome trace
 # Expects .yardstick (and .data/fashion-mnist for ddp) carried into the checkout; results under $OUT.
 set -uo pipefail
@@ -27,6 +28,8 @@ case "${1:-b}" in
       --results "$OUT" 2>&1 | grep "^{\|wrote" | tee "$OUT/ddp.log"
     timeout 150 python3 benchmarks/bench_train.py throughput $B --no-yardstick --results "$OUT" 2>&1 \
       | grep "^{\|wrote" | tee -a "$OUT/ddp.log"
+    timeout 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_train.py throughput $B --no-yardstick \
+      --data-parallel fsdp --results "$OUT" 2>&1 | grep "^{\|wrote" | tee -a "$OUT/ddp.log"
     timeout 180 torchrun --standalone --nproc-per-node 2 -m diffae train --preset dae-b --steps 300 --batch-size 256 \
       --prior-steps 0 --out /tmp/ddp-run --set train.log_every=50 2>&1 | grep -v "^\[rank" | tail -8 | tee -a "$OUT/ddp.log"
     cp /tmp/ddp-run/metrics.jsonl "$OUT/ddp-metrics.jsonl" 2>/dev/null ;;
