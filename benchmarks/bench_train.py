@@ -175,7 +175,8 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
                 "mfu_ratio": None if not (mfu and ys_mfu) else round(mfu / ys_mfu, 3)}
             print(json.dumps(payload["comparison"]), flush=True)
     tag = (f"train-{a.preset}-{a.img}px-b{a.batch}{'-compiled' if rec['compile'] else ''}"
-           f"{f'-x{world.size}' if world.distributed else ''}{'-fsdp' if rec['data_parallel'] == 'fsdp' else ''}{f'-accum{a.grad_accum}' if a.grad_accum > 1 else ''}"
+           f"{f'-x{world.size}' if world.distributed else ''}{'-fsdp' if rec['data_parallel'] == 'fsdp' else ''}"
+           f"{f'-accum{a.grad_accum}' if a.grad_accum > 1 else ''}"
            f"{'-ckpt' if a.activation_checkpointing else ''}"
            f"{'-graphed' if cuda and rec['compile_mode'] == 'reduce-overhead' else ''}")
     print(f"wrote {write_result(tag, payload, a.results)}", flush=True)
