@@ -369,7 +369,7 @@ class Trainer:
             part = slice(i * micro, (i + 1) * micro)
             # the gradients are reduced in the backward of the last micro-batch only
             sync = i == accum - 1
-            if self.sharded:
+            if self.sharded and accum > 1:  # a walk over every shard unit: only when it changes anything
                 self.model.set_requires_gradient_sync(sync)
             with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
                 with nvtx_range("forward"), autocast(self.device, t.bf16):
