@@ -80,7 +80,8 @@ case "${1:-train}" in
     timeout "$(left "$S")" python3 benchmarks/bench_train.py throughput --preset dae-l --img 64 --channels 3 \
       --batch 32 --no-yardstick --results "$OUT" 2>&1 | grep "^{\|Error" | tee "$OUT/train-l.log" ;;
   long-start)
-    mkdir -p /tmp/long
+    # the run reads its own copy of the data: a later call that does not carry .data finds it gone
+    mkdir -p /tmp/long && cp -r .data/fashion-mnist /tmp/long/ && export DIFFAE_FASHION_MNIST=/tmp/long/fashion-mnist
     setsid nohup timeout 1700 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-14}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect /tmp/long --set train.compile=true "${@:2}" \
       > /tmp/long/run.log 2>&1 < /dev/null &

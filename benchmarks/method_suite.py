@@ -4,6 +4,9 @@ Trains all presets at once, evaluates all at once, and summarises against issue 
 
     python3 benchmarks/method_suite.py --out /tmp/suite --minutes 4 --collect "$OUT"
 
+--variant NAME=PRESET SECTION.FIELD=VALUE... adds a run of a preset with overrides beside the others,
+so an ablation shares the call, the device and the time budget with its baseline.
+
 Each preset trains in its own `python3 -m diffae train` process with train.max_minutes, so it stops
 on time, saves last.pt and still fits its latent prior; all five share the one GPU at once, which
 one of these small models alone would leave partly idle.  Then every checkpoint is evaluated, again five at once,
@@ -74,8 +77,21 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="diffae eval --quick: tiny subsets (smoke test)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
                     help="config overrides for every preset's training")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME=PRESET [SECTION.FIELD=VALUE]",
+                    help="one more run beside the presets: PRESET under the name NAME with these overrides "
+                         "(on top of --set), for an ablation in the same call, e.g. "
+                         "--variant mldae-enc8=mldae encoder.depth=8")
     ap.add_argument("--collect", default=None, help="copy summary.json, summary.md, suite.log, samples.png here")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    a.runs = {p: (p, []) for p in a.presets}  # run name -> (preset, its own overrides)
+    for name, *sets in a.variant:
+        run, sep, preset = name.partition("=")
+        if not sep or not run or preset not in METHOD_PRESETS:
+            ap.error(f"--variant {name!r}: expected NAME=PRESET with PRESET one of {', '.join(METHOD_PRESETS)}")
+        if run in a.runs:
+            ap.error(f"--variant {run!r}: that name is already a run")
+        a.runs[run] = (preset, sets)
+    return a
 
 
 def check(a, out: Path) -> None:
@@ -90,8 +106,8 @@ def check(a, out: Path) -> None:
         raise DiffaeError(f"--prior-steps must be >= 0, got {a.prior_steps}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DiffaeError(f"{out} exists and is not an empty folder; choose a new --out")
-    for preset in a.presets:
-        get_preset(preset).override(TRAIN_SETS + a.set)  # ConfigError names a bad --set
+    for preset, sets in a.runs.values():
+        get_preset(preset).override(TRAIN_SETS + a.set + sets)  # ConfigError names a bad --set
     fashion_mnist("test")  # DataError says where the data was looked for
 
 
@@ -274,6 +290,10 @@ def summary_markdown(summary: dict) -> str:
              "| best-t probe | multi-level probe | PSNR inv. @20 | FD-FMNIST @10 | @100 | @10/@100 | targets met |",
              "|" + "---|" * 16]
     lines += [row_markdown(row) for row in summary["presets"]]
+    variants = [row for row in summary["presets"] if row.get("sets")]
+    if variants:
+        lines += ["", "Variants: " + "; ".join(f"{row['preset']} = {row['base_preset']} with {' '.join(row['sets'])}"
+                                             for row in variants) + "."]
     lines += ["", "Targets (issue 3): " + "; ".join(TARGET_NOTES) + ". FD-FMNIST is diffae's own Frechet distance "
               "(best of the samplers at each step count), not Inception FID.", ""]
     evaluated = [row["results"] for row in summary["presets"] if row["results"]]
@@ -314,7 +334,7 @@ def main(argv=None) -> int:
     except DiffaeError as exc:
         print(f"method_suite: error: {exc}", file=sys.stderr)
         return 2
-    runs = {p: out / p for p in a.presets}
+    runs = {name: out / name for name in a.runs}
     for run in runs.values():
         run.mkdir(parents=True)
     log = Log(out / "suite.log")
@@ -322,15 +342,15 @@ def main(argv=None) -> int:
     train_sets = TRAIN_SETS + [f"train.max_minutes={a.minutes:g}"] + a.set
     train_args = (["--steps", str(a.steps)] if a.steps else []) \
         + (["--prior-steps", str(a.prior_steps)] if a.prior_steps is not None else [])
-    train_cmds = {p: py + ["train", "--preset", p, "--out", str(run), *train_args]
-                  + [arg for s in train_sets for arg in ("--set", s)] for p, run in runs.items()}
+    train_cmds = {name: py + ["train", "--preset", a.runs[name][0], "--out", str(run), *train_args]
+                  + [arg for s in train_sets + a.runs[name][1] for arg in ("--set", s)] for name, run in runs.items()}
 
     def train_status(p: str, finished: bool) -> str:
         rec = (read_metrics(runs[p] / "metrics.jsonl") or [None])[-1]
         state = "done" if finished else "running" if rec else "starting"
         return f"{p} {state}" + (f" step {rec['step']} {rec['img_per_s']:.0f} img/s" if rec else "")
 
-    log(f"training {', '.join(a.presets)} for {a.minutes:g} min each, all at once")
+    log(f"training {', '.join(runs)} for {a.minutes:g} min each, all at once")
     trained = run_concurrently(train_cmds, {p: run / "train.log" for p, run in runs.items()},
                                60 * (a.minutes + TRAIN_GRACE_MIN), train_status, log)
     rates = {p: steady_img_per_s(read_metrics(run / "metrics.jsonl")) for p, run in runs.items()}
@@ -355,13 +375,15 @@ def main(argv=None) -> int:
         records = read_metrics(run / "metrics.jsonl")
         results_path = run / "eval" / "results.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else None
+        if results:
+            results["preset"] = p  # a variant's tables name the run, not the preset it is built on
         train_error = failure(trained.get(p), run / "train.log", a.minutes + TRAIN_GRACE_MIN)
         eval_error = (failure(evaluated.get(p), run / "eval.log", a.eval_minutes) if p in ready
                       else "not evaluated: no checkpoint")
         errors = [f"{stage} {error}" for stage, error in (("training", train_error), ("eval", eval_error)) if error]
         h = headline(results or {})
         rows.append({
-            "preset": p, "error": "; ".join(errors) or None,
+            "preset": p, "base_preset": a.runs[p][0], "sets": a.runs[p][1], "error": "; ".join(errors) or None,
             "train": {**(trained.get(p) or {}), "steps": records[-1]["step"] if records else None,
                       "final_loss": records[-1]["loss"] if records else None, "img_per_s": rates[p],
                       "time_budget_reached": bool(records and records[-1].get("time_budget_reached")),
@@ -369,7 +391,7 @@ def main(argv=None) -> int:
             "eval": evaluated.get(p), "headline": h, "targets": targets(h), "results": results})
     samples_png = combined_samples(runs, out / "samples.png")
     summary = {"environment": environment(), "wall_min": round(log.elapsed_min(), 2),
-               "options": {"presets": a.presets, "minutes": a.minutes, "steps": a.steps, "prior_steps": a.prior_steps,
+               "options": {"presets": list(runs), "minutes": a.minutes, "steps": a.steps, "prior_steps": a.prior_steps,
                            "eval_minutes": a.eval_minutes,
                            "quick": a.quick, "train_sets": train_sets, "eval_args": eval_args},
                "samples_png": samples_png is not None, "presets": rows}

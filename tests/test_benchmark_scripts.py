@@ -43,12 +43,17 @@ def test_method_suite_trains_evaluates_and_summarises(tmp_path):
             "encoder.heads=2", "encoder.patch=7", "encoder.z_dim=8", "train.batch_size=16", "train.log_every=5"]
     proc = subprocess.run([sys.executable, "benchmarks/method_suite.py", "--out", str(out), "--presets", "diffae",
                            "mldae", "--minutes", "0.05", "--eval-minutes", "3", "--quick", "--prior-steps", "5",
-                           "--collect", str(collected), "--set", *tiny], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                           "--collect", str(collected), "--set", *tiny, "--variant", "mldae-z4=mldae", "encoder.z_dim=4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((collected / "summary.json").read_text())
     rows = {r["preset"]: r for r in summary["presets"]}
-    assert set(rows) == {"diffae", "mldae"}
+    assert set(rows) == {"diffae", "mldae", "mldae-z4"}
+    # the variant trained its preset with its own override on top of --set, and its tables name the run
+    config = {name: json.loads((out / name / "config.json").read_text()) for name in ("mldae", "mldae-z4")}
+    assert config["mldae"]["encoder"]["z_dim"] == 8 and config["mldae-z4"]["encoder"]["z_dim"] == 4
+    assert config["mldae-z4"]["preset"] == "mldae" and config["mldae-z4"]["encoder"]["dim"] == 32
+    assert "| mldae-z4 | E(x0, t=0.5) |" in (collected / "summary.md").read_text()
     for r in rows.values():
         assert r["error"] is None and r["train"]["time_budget_reached"]
         assert 0 < r["headline"]["linear_probe"] <= 1 and r["headline"]["fd10"] is not None
@@ -59,3 +64,13 @@ def test_method_suite_trains_evaluates_and_summarises(tmp_path):
     assert rows["diffae"]["headline"]["multi_level_probe"] is None
     assert all(r["headline"]["pooled_probe"] is not None for r in rows.values())
     assert (collected / "samples.png").exists() and "| mldae | ok |" in (collected / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("variant, message", [(["mldae"], "expected NAME=PRESET"),
+                                              (["x=nope"], "expected NAME=PRESET"),
+                                              (["mldae=dmz"], "already a run")])
+def test_method_suite_refuses_a_malformed_variant(variant, message, capsys):
+    from benchmarks.method_suite import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--presets", "mldae", "--variant", *variant])
+    assert message in capsys.readouterr().err
