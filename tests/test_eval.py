@@ -113,3 +113,29 @@ def test_eval_quick_writes_results_and_figures(micro_cfg, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2  # an existing results.json is not overwritten without --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_stopped_mid_representation_keeps_the_embeddings_already_scored(micro_cfg, tmp_path, monkeypatch):
+    """A time limit (method_suite) stops an evaluation wherever it is: what was scored is on disk."""
+    import diffae.eval.run as run
+    from diffae.data import synthetic
+    from diffae.engine.trainer import Trainer
+
+    Trainer(micro_cfg, synthetic(n=64), tmp_path / "run", quiet=True).fit(steps=2)
+    scored = []
+    real = run._evaluate_embedding
+
+    def stop_on_the_second(*args):
+        if scored:
+            raise KeyboardInterrupt  # stands in for the suite's SIGTERM at its time limit
+        scored.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(run, "_evaluate_embedding", stop_on_the_second)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        run.evaluate(tmp_path / "run" / "last.pt", out,
+                     run.EvalOptions(quick=True, data="synthetic", device="cpu", sections=("representation",)))
+    r = json.loads((out / "results.json").read_text())
+    assert [rep["name"] for rep in r["representation"]] == scored
+    assert 0 <= r["representation"][0]["linear_probe"]["accuracy"] <= 1

@@ -141,7 +141,7 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
             results["representation_skipped"] = f"dataset {o.data!r} has no labels"
         else:
             with timed("representation"):
-                reps = []
+                reps = results["representation"] = []
                 code = f"E(x0, t={DEFAULT_CODE_T:g})" if time_dep else "E(x0)"
                 # kind: "code" (z), "multi_level" (z over several t), "pooled" (what the latent head
                 # reads: the usual probe readout below a projection head, reported beside the code)
@@ -154,9 +154,9 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
                     tr = pipe.encode(tr_x, t, batch_size=o.batch_size, pooled=kind == "pooled")
                     te = pipe.encode(te_x, t, batch_size=o.batch_size, pooled=kind == "pooled")
                     reps.append(_evaluate_embedding(name, kind, tr, te, tr_y, te_y, o.seed))
+                    save()  # an evaluation stopped later (a time limit) keeps the embeddings already scored
                     if main_test_emb is None:
                         main_test_emb = te
-                results["representation"] = reps
     # --- reconstruction ------------------------------------------------------------------------
     if "reconstruction" in o.sections:
         with timed("reconstruction"):
