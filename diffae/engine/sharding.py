@@ -14,6 +14,8 @@ number of ranks, sharded or not.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -32,6 +34,12 @@ def shard(model: nn.Module, ema: nn.Module, world: World, device: torch.device) 
     """Shard the model (per attention and MLP, then the root) and its EMA (same layout, one group:
     it is never run in training) over all ranks, in place."""
     mesh = init_device_mesh(device.type, (world.size,))
+    # nn.Linear returns a view of its 2-D product for a contiguous 3-D input, and newer torch warns
+    # that an in-place op on a shard unit's view output would skip the backward all-gather.  Our
+    # blocks consume sublayer outputs only out of place (the fused residual ops); the FSDP tests,
+    # which compare the gradients with one process, would catch an in-place one.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(Attention|Mlp)\) returned a view",
+                            category=UserWarning)
     for m in model.modules():
         if isinstance(m, (Attention, Mlp)):
             fully_shard(m, mesh=mesh)
