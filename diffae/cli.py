@@ -1,4 +1,4 @@
-"""The `diffae` command line: train | sample | encode | reconstruct | interpolate | info.
+"""The `diffae` command line: train | sample | encode | reconstruct | interpolate | edit | eval | bench | info.
 
 Errors a user can fix print one line (`diffae: error: ...`) and exit with status 2; nothing that
 exists is overwritten unless --overwrite is given.  `diffae train` saves a checkpoint on SIGINT
@@ -186,6 +186,39 @@ def cmd_interpolate(a) -> None:
     print(f"wrote {out}: {a.n} images from #{a.a} to #{a.b}")
 
 
+def cmd_edit(a) -> None:
+    import torch
+
+    from .data import FASHION_MNIST_CLASSES, load
+    from .engine.pipeline import Pipeline
+    from .errors import InputError
+    from .images import grid, save_png
+
+    out = _fresh(a.out, a.overwrite)
+    pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
+    fit = load(a.data, "train")
+    if fit.labels is None:
+        raise InputError(f"{fit.name} has no labels: an editing direction is fitted on labelled train images")
+    if a.n < 1 or a.fit_n < 2:
+        raise InputError(f"--n must be >= 1 and --fit-n >= 2, got {a.n} and {a.fit_n}")
+    labels = fit.labels[:a.fit_n]
+    if not (labels == a.target).any():
+        raise InputError(f"class {a.target} has no image among the first {len(labels)} of {fit.name}'s train split")
+    direction = pipe.attribute_direction(fit.images[:len(labels)], labels == a.target)
+    data = load(a.data, a.split)
+    # edit images of the other classes, so every row shows a change toward the target
+    pick = torch.arange(len(data)) if data.labels is None else (data.labels != a.target).nonzero().flatten()
+    x = data.images[pick[:a.n]]
+    edits = pipe.edit(x, direction, scales=a.scales, steps=a.steps)      # (S, n, C, H, W)
+    rows = torch.cat([x[:, None].to(edits.device), edits.transpose(0, 1)], 1)  # the original first
+    save_png(grid(rows.flatten(0, 1), nrow=rows.shape[1]), out, upscale=a.upscale)
+    name = f" ({FASHION_MNIST_CLASSES[a.target]})" if a.data == "fashion-mnist" and 0 <= a.target < 10 else ""
+    print(f"wrote {out}: {x.shape[0]} images (rows) moved toward class {a.target}{name} by "
+          f"{', '.join(f'{s:g}' for s in a.scales)} std (columns after the original; 0 = reconstruction); "
+          f"direction fitted on "
+          f"{len(labels)} train codes")
+
+
 def cmd_bench(a) -> None:
     from .engine.bench import bench_sample
 
@@ -324,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="interpolation.png")
     i.add_argument("--upscale", type=int, default=2)
     i.set_defaults(func=cmd_interpolate)
+
+    ed = sub.add_parser("edit", help="move codes along a class's direction (DiffAE editing); PNG grid")
+    common(ed)
+    data_args(ed)
+    ed.add_argument("--target", type=int, required=True, help="label whose direction the codes move along")
+    ed.add_argument("--n", type=int, default=8, help="images to edit (of the other labels)")
+    ed.add_argument("--scales", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0, 3.0],
+                    help="steps along the direction, in standard deviations of the standardised code")
+    ed.add_argument("--fit-n", type=int, default=5000, help="labelled train images the direction is fitted on")
+    ed.add_argument("--steps", type=int, default=20, help="DDIM steps of the inversion and the decoding")
+    ed.add_argument("--out", default="edit.png")
+    ed.add_argument("--upscale", type=int, default=2)
+    ed.set_defaults(func=cmd_edit)
 
     ev = sub.add_parser("eval", help="probe, kNN, few-shot, reconstruction, FD-FMNIST, figures -> DIR")
     common(ev)

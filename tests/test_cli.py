@@ -43,6 +43,17 @@ def test_sample_encode_reconstruct_interpolate(run_dir, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_edit_writes_a_grid_toward_a_class_and_names_a_missing_one(run_dir, tmp_path, capsys):
+    ckpt = str(run_dir / "last.pt")
+    out = tmp_path / "e.png"
+    assert main(["edit", "--ckpt", ckpt, "--data", "synthetic", "--target", "1", "--n", "2", "--scales", "0", "2",
+                 "--steps", "3", "--fit-n", "64", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "toward class 1" in capsys.readouterr().out
+    assert "class 9 has no image" in _error(capsys, ["edit", "--ckpt", ckpt, "--data", "synthetic", "--target", "9",
+                                                     "--out", str(tmp_path / "f.png")])
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_info_lists_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,9 @@
-"""Inference API over a trained checkpoint: encode, sample, reconstruct, interpolate.
+"""Inference API over a trained checkpoint: encode, sample, reconstruct, interpolate, edit.
 
     pipe = Pipeline.from_checkpoint("runs/dae-tiny/last.pt")
     images = pipe.sample(16, steps=10, sampler="dpmpp2m", seed=0)   # (16, C, H, W) in [-1, 1]
+    d = pipe.attribute_direction(train_images, train_labels == 3)   # toward "Dress"
+    edits = pipe.edit(test_images[:8], d, scales=(0, 1, 2))          # (3, 8, C, H, W)
 """
 from __future__ import annotations
 
@@ -227,6 +229,57 @@ class Pipeline:
         return entry.output[:n].clone()
 
     @torch.no_grad()
+    def codes(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """z as the denoiser reads it (a time-dependent encoder's code at the one t the sampler
+        conditions on): what reconstruct, interpolate and edit decode from.  (B, z_dim) fp32."""
+        images = self._as_images(images)
+        outs = []
+        for i in range(0, images.shape[0], batch_size):
+            with autocast(self.device, self.cfg.train.bf16):
+                outs.append(self.model.encode_latent(images[i:i + batch_size]).z.float())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def attribute_direction(self, images: torch.Tensor, positive: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+        """DiffAE's editing direction for an attribute: a logistic regression on the codes of
+        `images`, standardised per dimension, separating those marked `positive` (bool, (N,)) from
+        the rest.  Returns its unit normal mapped back to z, (z_dim,): adding s times it moves the
+        standardised code s standard deviations along the attribute's axis."""
+        from ..eval.probe import fit_logistic
+        positive = torch.as_tensor(positive)
+        if positive.dim() != 1 or positive.shape[0] != len(images) or positive.dtype != torch.bool:
+            raise InputError(f"positive must be a bool tensor of shape ({len(images)},), got "
+                             f"{positive.dtype} {tuple(positive.shape)}")
+        if positive.all() or not positive.any():
+            raise InputError("positive must mark some of the images and not all: the direction separates two groups")
+        z = self.codes(images)
+        mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+        w = fit_logistic((z - mean) / std, positive.long().to(z.device), 2, [l2])[0]  # (z_dim + 1, 2)
+        normal = w[:-1, 1] - w[:-1, 0]
+        return normal / normal.norm().clamp_min(1e-12) * std
+
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, direction: torch.Tensor, scales=(-1.0, 0.0, 1.0, 2.0),
+             steps: int = 20) -> torch.Tensor:
+        """Move each image's code along `direction` (e.g. attribute_direction's) by every scale and
+        decode from the image's own DDIM-inverted x_T, so what z does not hold (pose, texture) stays.
+        Returns (len(scales), B, C, H, W) in [-1, 1]; scale 0 is the reconstruction."""
+        images = self._as_images(images)
+        zd = self.cfg.encoder.z_dim
+        direction = torch.as_tensor(direction, dtype=torch.float32, device=self.device)
+        if direction.shape != (zd,) or not bool(torch.isfinite(direction).all()):
+            raise InputError(f"direction must be a finite ({zd},) tensor, got shape {tuple(direction.shape)}")
+        scales = [float(s) for s in scales]
+        if not scales:
+            raise InputError("edit needs at least one scale")
+        z = self.codes(images)
+        x_T = self.invert(images, z, steps)
+        zs = torch.cat([z + s * direction for s in scales])
+        out = samplers.sample(self._denoise_fn(zs), x_T.repeat(len(scales), 1, 1, 1), self.model.process, steps,
+                              "ddim", self.model.sampling_prediction, clip=0.0).clamp(-1, 1)
+        return out.view(len(scales), *images.shape)
+
+    @torch.no_grad()
     def invert(self, images: torch.Tensor, z: torch.Tensor, steps: int = 20) -> torch.Tensor:
         """DDIM inversion: x0 and z to x_T."""
         return samplers.ddim_invert(self._denoise_fn(z), images, self.model.process, steps,
@@ -237,8 +290,7 @@ class Pipeline:
         """Encode, (optionally) invert to x_T, decode with deterministic DDIM.
         Returns (reconstructions, {'mse', 'psnr'}) with images in [-1, 1] (PSNR on a [0, 1] scale)."""
         images = self._as_images(images)
-        with autocast(self.device, self.cfg.train.bf16):
-            z = self.model.encode_latent(images).z.float()
+        z = self.codes(images)
         x_T = self.invert(images, z, steps) if invert else self._noise(images.shape[0], self._generator(seed))
         rec = samplers.sample(self._denoise_fn(z), x_T, self.model.process, steps, "ddim",
                               self.model.sampling_prediction, clip=0.0 if invert else 1.0).clamp(-1, 1)
@@ -254,8 +306,7 @@ class Pipeline:
         pair = self._as_images(torch.cat([a, b]))
         if pair.shape[0] != 2:
             raise InputError("interpolate takes exactly one image at each end")
-        with autocast(self.device, self.cfg.train.bf16):
-            z = self.model.encode_latent(pair).z.float()
+        z = self.codes(pair)
         x_T = self.invert(pair, z, steps)
         ws = torch.linspace(0, 1, n, device=self.device)
         zs = torch.stack([torch.lerp(z[0], z[1], w) for w in ws])
