@@ -214,7 +214,7 @@ def cmd_edit(a) -> None:
     save_png(grid(rows.flatten(0, 1), nrow=rows.shape[1]), out, upscale=a.upscale)
     name = f" ({FASHION_MNIST_CLASSES[a.target]})" if a.data == "fashion-mnist" and 0 <= a.target < 10 else ""
     print(f"wrote {out}: {x.shape[0]} images (rows) moved toward class {a.target}{name} by "
-          f"{', '.join(f'{s:g}' for s in a.scales)} std (columns after the original; 0 = reconstruction); "
+          f"{', '.join(f'{s:g}' for s in a.scales)} code sizes (columns after the original; 0 = reconstruction); "
           f"direction fitted on "
           f"{len(labels)} train codes")
 
@@ -363,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(ed)
     ed.add_argument("--target", type=int, required=True, help="label whose direction the codes move along")
     ed.add_argument("--n", type=int, default=8, help="images to edit (of the other labels)")
-    ed.add_argument("--scales", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0, 3.0],
-                    help="steps along the direction, in standard deviations of the standardised code")
+    ed.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                    help="steps along the direction, in sizes of the standardised code (sqrt(z_dim))")
     ed.add_argument("--fit-n", type=int, default=5000, help="labelled train images the direction is fitted on")
     ed.add_argument("--steps", type=int, default=20, help="DDIM steps of the inversion and the decoding")
     ed.add_argument("--out", default="edit.png")

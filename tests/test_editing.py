@@ -25,7 +25,7 @@ def pipe(tmp_path_factory):
 def test_edit_at_scale_zero_is_the_reconstruction_and_other_scales_move_the_image(pipe):
     x = synthetic(n=3, seed=1).images
     d = torch.randn(8, generator=torch.Generator().manual_seed(0))
-    edits = pipe.edit(x, d, scales=(0.0, 3.0), steps=4)
+    edits = pipe.edit(x, d, scales=(0.0, 1.0), steps=4)
     assert edits.shape == (2, 3, 1, 28, 28)
     rec, _ = pipe.reconstruct(x, steps=4)
     torch.testing.assert_close(edits[0], rec, rtol=0, atol=1e-5)
@@ -38,7 +38,7 @@ def test_attribute_direction_finds_the_axis_that_separates_the_groups(pipe, monk
     monkeypatch.setattr(pipe, "codes", lambda images, batch_size=512: z)
     positive = z[:, 2] > 0.5 * z[:, 2].std()
     d = pipe.attribute_direction(torch.zeros(400, 1, 28, 28), positive)
-    unit = d / z.std(0)  # in standardised units the direction is a unit vector along dimension 2
+    unit = d / z.std(0) / 8 ** 0.5  # standardised, and per size sqrt(z_dim): a unit vector along dimension 2
     torch.testing.assert_close(unit.norm(), torch.tensor(1.0))
     assert unit.abs().argmax() == 2 and unit[2] > 0.9
 
