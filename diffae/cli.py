@@ -215,8 +215,7 @@ def cmd_edit(a) -> None:
     name = f" ({FASHION_MNIST_CLASSES[a.target]})" if a.data == "fashion-mnist" and 0 <= a.target < 10 else ""
     print(f"wrote {out}: {x.shape[0]} images (rows) moved toward class {a.target}{name} by "
           f"{', '.join(f'{s:g}' for s in a.scales)} code sizes (columns after the original; 0 = reconstruction); "
-          f"direction fitted on "
-          f"{len(labels)} train codes")
+          f"direction fitted on {len(labels)} train codes")
 
 
 def cmd_bench(a) -> None:
