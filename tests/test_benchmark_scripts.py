@@ -74,3 +74,23 @@ def test_method_suite_refuses_a_malformed_variant(variant, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--out", "x", "--presets", "mldae", "--variant", *variant])
     assert message in capsys.readouterr().err
+
+
+def test_fd_spread_scores_every_draw(micro_cfg, tmp_path, capsys):
+    from benchmarks.fd_spread import main as fd_spread
+    from diffae.data import synthetic
+    from diffae.engine.trainer import Trainer
+
+    # a Gaussian code: its N(0, I) prior gives unconditional samples without a latent prior
+    cfg = micro_cfg.override(["encoder.latent=gaussian", "encoder.kl_weight=1e-4"])
+    Trainer(cfg, synthetic(n=32), tmp_path / "run", quiet=True).fit(steps=2)
+    out = tmp_path / "spread.json"
+    assert fd_spread(["--ckpt", str(tmp_path / "run" / "last.pt"), "--steps", "2", "3", "--draws", "2", "--n", "6",
+                      "--batch", "4", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["steps"] for r in rows] == [2, 3] and all(len(r["fd"]) == 2 for r in rows)
+    for r in rows:  # fresh seeds per draw: the scores differ, and the spread is theirs
+        assert r["fd"][0] != r["fd"][1]
+        assert abs(r["relative_spread"] - (max(r["fd"]) - min(r["fd"])) / r["mean"]) < 1e-12
+    assert fd_spread(["--ckpt", str(tmp_path / "run" / "last.pt"), "--draws", "1"]) == 2
+    assert "--draws and --n must be >= 2" in capsys.readouterr().err
