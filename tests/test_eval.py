@@ -105,7 +105,8 @@ def test_eval_quick_writes_results_and_figures(micro_cfg, tmp_path, capsys):
     assert {(row["sampler"], row["steps"]) for row in gen["rows"]} == {
         (s, n) for s in ("ddim", "ddpm", "euler", "heun", "dpmpp2m") for n in (2, 4)}
     assert all(row["fd"] >= 0 for row in gen["rows"])
-    for name in ["pca.png", "interpolation.png", "reconstruction.png", "samples_ddim_2.png", "samples_heun_4.png"]:
+    for name in ["pca.png", "interpolation.png", "edit.png", "reconstruction.png", "samples_ddim_2.png",
+                 "samples_heun_4.png"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     md = (out / "results.md").read_text()
     assert "FD-FMNIST" in md and "NOT Inception FID" in md and "| 3 |" in md

@@ -47,6 +47,7 @@ class EvalOptions:
     batch_size: int = 500
     grid_n: int = 64
     interp_steps: int | None = None     # (default 20; quick 5)
+    edit_target: int = 1                # figures: edits toward this label (Fashion-MNIST: Trouser, easy to see)
     seed: int = 0
     sections: tuple = SECTIONS
 
@@ -181,6 +182,11 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
             plots.save_strips(strips, out / "interpolation.png")
             files.append(f"interpolation.png (test pairs (0,1), (2,3), ...: lerp z, slerp inverted x_T, "
                          f"{o.interp_steps} DDIM steps)")
+            if tr_y is not None and te_y is not None and _save_edits(pipe, tr_x, tr_y, te_x, te_y, o,
+                                                                     out / "edit.png"):
+                files.append(f"edit.png (test images of other classes, then their codes moved toward class "
+                             f"{o.edit_target} by {', '.join(f'{s:g}' for s in EDIT_SCALES)} code sizes; "
+                             f"{o.interp_steps} DDIM steps from the inverted x_T)")
             if te_y is not None:
                 if main_test_emb is None:
                     main_test_emb = pipe.encode(te_x, None, batch_size=o.batch_size)
@@ -207,6 +213,26 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
     save()
     _log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results
+
+
+EDIT_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def _save_edits(pipe, tr_x, tr_y, te_x, te_y, o: EvalOptions, path: Path) -> bool:
+    """DiffAE's editing figure: the direction of o.edit_target fitted on (up to 5000) train codes,
+    four test images of other classes moved along it.  False (no figure) when the labels have no
+    two groups to separate or no test image to move."""
+    n = min(5000, tr_x.shape[0])
+    positive = (tr_y[:n] == o.edit_target).cpu()
+    others = (te_y != o.edit_target).nonzero().flatten()[:4]
+    if positive.all() or not positive.any() or others.numel() == 0:
+        return False
+    direction = pipe.attribute_direction(tr_x[:n], positive)
+    x = te_x[others.to(te_x.device)]
+    edits = pipe.edit(x, direction, EDIT_SCALES, steps=o.interp_steps)
+    rows = torch.cat([x[:, None].to(edits.device), edits.transpose(0, 1)], 1)
+    plots.save_png(plots.grid(rows.flatten(0, 1), nrow=rows.shape[1]), path, upscale=2)
+    return True
 
 
 def _generation(pipe, o: EvalOptions, train, test, te_x, out: Path, files: list) -> dict:
