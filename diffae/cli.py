@@ -192,7 +192,7 @@ def cmd_edit(a) -> None:
     from .data import FASHION_MNIST_CLASSES, load
     from .engine.pipeline import Pipeline
     from .errors import InputError
-    from .images import grid, save_png
+    from .images import edit_grid, save_png
 
     out = _fresh(a.out, a.overwrite)
     pipe = Pipeline.from_checkpoint(a.ckpt, _device(a.device))
@@ -210,8 +210,7 @@ def cmd_edit(a) -> None:
     pick = torch.arange(len(data)) if data.labels is None else (data.labels != a.target).nonzero().flatten()
     x = data.images[pick[:a.n]]
     edits = pipe.edit(x, direction, scales=a.scales, steps=a.steps)      # (S, n, C, H, W)
-    rows = torch.cat([x[:, None].to(edits.device), edits.transpose(0, 1)], 1)  # the original first
-    save_png(grid(rows.flatten(0, 1), nrow=rows.shape[1]), out, upscale=a.upscale)
+    save_png(edit_grid(x, edits), out, upscale=a.upscale)
     name = f" ({FASHION_MNIST_CLASSES[a.target]})" if a.data == "fashion-mnist" and 0 <= a.target < 10 else ""
     print(f"wrote {out}: {x.shape[0]} images (rows) moved toward class {a.target}{name} by "
           f"{', '.join(f'{s:g}' for s in a.scales)} code sizes (columns after the original; 0 = reconstruction); "

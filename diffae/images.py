@@ -26,6 +26,13 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
     return arr[0] if c == 1 else arr[:3].transpose(1, 2, 0)
 
 
+def edit_grid(originals: torch.Tensor, edits: torch.Tensor) -> np.ndarray:
+    """Pipeline.edit's (S, B, C, H, W) as a mosaic: a row per image, its original first, then one
+    column per scale."""
+    rows = torch.cat([originals[:, None].to(edits.device), edits.transpose(0, 1)], 1)
+    return grid(rows.flatten(0, 1), nrow=rows.shape[1])
+
+
 def save_png(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
     """Write atomically (temp file + rename) so an existing file is never left half-written."""
     from PIL import Image

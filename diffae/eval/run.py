@@ -21,6 +21,7 @@ import torch
 
 from ..diffusion.samplers import SAMPLERS
 from ..errors import CheckpointError, ConfigError, OutputError
+from ..images import edit_grid
 from . import fd as fdlib
 from . import plots, probe, reconstruction, report
 
@@ -230,8 +231,7 @@ def _save_edits(pipe, tr_x, tr_y, te_x, te_y, o: EvalOptions, path: Path) -> boo
     direction = pipe.attribute_direction(tr_x[:n], positive)
     x = te_x[others.to(te_x.device)]
     edits = pipe.edit(x, direction, EDIT_SCALES, steps=o.interp_steps)
-    rows = torch.cat([x[:, None].to(edits.device), edits.transpose(0, 1)], 1)
-    plots.save_png(plots.grid(rows.flatten(0, 1), nrow=rows.shape[1]), path, upscale=2)
+    plots.save_png(edit_grid(x, edits), path, upscale=2)
     return True
 
 
