@@ -84,6 +84,8 @@ state = [v for s in trainer.opt.state.values() for k, v in s.items() if k != "st
 whole = sum(p.numel() for p in trainer.model.parameters())
 print(json.dumps({"rank": world.rank, "whole": whole, "model": size(trainer.model.parameters()),
                   "ema": size(trainer.ema.parameters()), "adam": size(state)}), file=open(f"{sys.argv[1]}/{world.rank}.json", "w"))
+del trainer, state
+distributed.shutdown()  # as the CLI does: the dead training state freed while the group exists
 """
 
 

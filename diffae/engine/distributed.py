@@ -71,6 +71,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
 
 
 def shutdown() -> None:
+    """Leave the process group; call it once the trainer is dropped (the CLI does, after `train`)."""
     if dist.is_available() and dist.is_initialized():
         # Free the dead training state (FSDP's hooks hold modules and DTensors in reference cycles)
         # while the group still exists.  Left to the interpreter's exit, a sharded CPU rank aborted
