@@ -97,12 +97,19 @@ class Pipeline:
         return cls(model, prior, compile=compile, cuda_graph=cuda_graph)
 
     # --- pieces -----------------------------------------------------------------------------
-    def _denoise_fn(self, z: torch.Tensor, compiled: bool = False, points=None):
+    def _denoise_fn(self, z, compiled: bool = False, points=None):
         """denoise(x, t: float) for the samplers; compiled: through the compiled network (when the
         pipeline compiles), else eager (inversion and reconstruction, run once per call).
+        z: a (B, z_dim) code for every step, or a function of t giving each step's own code (a
+        time-dependent encoder's E(x0, t): see _codes_at), conditioned step by step.
         points: the schedule the sampler runs (samplers.schedule); the conditioning at its times is
         computed up front, all steps in one batch, and any other t's when asked for."""
         condition, net = (self.condition, self.network) if compiled else (self.eager_condition, self.eager_network)
+        if callable(z):
+            def denoise_per_t(x: torch.Tensor, t: float) -> torch.Tensor:
+                tt = torch.full((x.shape[0],), t, device=x.device)
+                return net(x, tt, condition(tt, z(t))[0])
+            return denoise_per_t
         B = z.shape[0]
         ts = [] if points is None else [p[0] for p in points[:-1]]  # the last point is never evaluated
         ready = {}  # t -> (t as a (B,) tensor, its Conditioning)
@@ -230,14 +237,32 @@ class Pipeline:
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """z as the denoiser reads it (a time-dependent encoder's code at the one t the sampler
-        conditions on): what reconstruct, interpolate and edit decode from.  (B, z_dim) fp32."""
+        """z as the denoiser reads it, (B, z_dim) fp32: a time-dependent encoder's code at the one t
+        that unconditional sampling and the latent prior use (reconstruct, interpolate and edit read
+        it at every step's t instead)."""
         images = self._as_images(images)
         outs = []
         for i in range(0, images.shape[0], batch_size):
             with autocast(self.device, self.cfg.train.bf16):
                 outs.append(self.model.encode_latent(images[i:i + batch_size]).z.float())
         return torch.cat(outs)
+
+    def _codes_at(self, images: torch.Tensor):
+        """z(t) for decoding these (checked) images at time t: the static code at every t, or a
+        time-dependent encoder's E(x0, t) at each step's own t, the code its denoiser saw at that
+        noise level in training (cached per t: inversion and decoding share the grid)."""
+        if not self.model.encoder.time_dependent:
+            z = self.codes(images)
+            return lambda t: z
+        cache: dict[float, torch.Tensor] = {}
+
+        def z_at(t: float) -> torch.Tensor:
+            if t not in cache:
+                tt = torch.full((images.shape[0],), float(t), device=images.device)
+                with autocast(self.device, self.cfg.train.bf16):
+                    cache[t] = self.model.encode_latent(images, tt).z.float()
+            return cache[t]
+        return z_at
 
     @torch.no_grad()
     def attribute_direction(self, images: torch.Tensor, positive: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
@@ -264,7 +289,8 @@ class Pipeline:
     def edit(self, images: torch.Tensor, direction: torch.Tensor, scales=(0.0, 0.5, 1.0, 1.5, 2.0),
              steps: int = 20) -> torch.Tensor:
         """Move each image's code along `direction` (e.g. attribute_direction's) by every scale and
-        decode from the image's own DDIM-inverted x_T, so what z does not hold (pose, texture) stays.
+        decode from the image's own DDIM-inverted x_T, so what z does not hold (pose, texture) stays
+        (a time-dependent encoder's code at every step's t, each moved alike).
         Returns (len(scales), B, C, H, W) in [-1, 1]; scale 0 is the reconstruction."""
         images = self._as_images(images)
         zd = self.cfg.encoder.z_dim
@@ -274,25 +300,26 @@ class Pipeline:
         scales = [float(s) for s in scales]
         if not scales:
             raise InputError("edit needs at least one scale")
-        z = self.codes(images)
-        x_T = self.invert(images, z, steps)
-        zs = torch.cat([z + s * direction for s in scales])
-        out = samplers.sample(self._denoise_fn(zs), x_T.repeat(len(scales), 1, 1, 1), self.model.process, steps,
-                              "ddim", self.model.sampling_prediction, clip=0.0).clamp(-1, 1)
+        z_at = self._codes_at(images)
+        x_T = self.invert(images, z_at, steps)
+        out = samplers.sample(self._denoise_fn(lambda t: torch.cat([z_at(t) + s * direction for s in scales])),
+                              x_T.repeat(len(scales), 1, 1, 1), self.model.process, steps, "ddim",
+                              self.model.sampling_prediction, clip=0.0).clamp(-1, 1)
         return out.view(len(scales), *images.shape)
 
     @torch.no_grad()
-    def invert(self, images: torch.Tensor, z: torch.Tensor, steps: int = 20) -> torch.Tensor:
-        """DDIM inversion: x0 and z to x_T."""
+    def invert(self, images: torch.Tensor, z, steps: int = 20) -> torch.Tensor:
+        """DDIM inversion: x0 and z (a code, or a function of t: see _denoise_fn) to x_T."""
         return samplers.ddim_invert(self._denoise_fn(z), images, self.model.process, steps,
                                     self.model.sampling_prediction)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, steps: int = 20, invert: bool = True, seed: int | None = 0):
         """Encode, (optionally) invert to x_T, decode with deterministic DDIM.
-        Returns (reconstructions, {'mse', 'psnr'}) with images in [-1, 1] (PSNR on a [0, 1] scale)."""
+        Returns (reconstructions, {'mse', 'psnr'}) with images in [-1, 1] (PSNR on a [0, 1] scale).
+        A time-dependent encoder is read at every step's own t, as diffae eval does."""
         images = self._as_images(images)
-        z = self.codes(images)
+        z = self._codes_at(images)
         x_T = self.invert(images, z, steps) if invert else self._noise(images.shape[0], self._generator(seed))
         rec = samplers.sample(self._denoise_fn(z), x_T, self.model.process, steps, "ddim",
                               self.model.sampling_prediction, clip=0.0 if invert else 1.0).clamp(-1, 1)
@@ -308,10 +335,10 @@ class Pipeline:
         pair = self._as_images(torch.cat([a, b]))
         if pair.shape[0] != 2:
             raise InputError("interpolate takes exactly one image at each end")
-        z = self.codes(pair)
-        x_T = self.invert(pair, z, steps)
-        ws = torch.linspace(0, 1, n, device=self.device)
-        zs = torch.stack([torch.lerp(z[0], z[1], w) for w in ws])
+        z_at = self._codes_at(pair)
+        x_T = self.invert(pair, z_at, steps)
+        ws = torch.linspace(0, 1, n, device=self.device)[:, None]
         xs = torch.cat([slerp(x_T[:1], x_T[1:], float(w)) for w in ws])
-        return samplers.sample(self._denoise_fn(zs), xs, self.model.process, steps, "ddim",
-                               self.model.sampling_prediction, clip=0.0).clamp(-1, 1)
+        between = self._denoise_fn(lambda t: torch.lerp(z_at(t)[:1], z_at(t)[1:], ws))  # (n, z_dim) per t
+        return samplers.sample(between, xs, self.model.process, steps, "ddim", self.model.sampling_prediction,
+                               clip=0.0).clamp(-1, 1)

@@ -5,7 +5,7 @@ inverted  encode z, run deterministic DDIM forwards x0 -> x_T (DiffAE's stochast
 random    decode from fresh noise x_T with the same z: what z alone keeps
 
 A time-dependent encoder is read at every step's own t, z(t) = E(x0, t), because that is the code
-its denoiser saw at that noise level in training (diffae's Pipeline.reconstruct reads it at one t).
+its denoiser saw at that noise level in training (as Pipeline.reconstruct, interpolate and edit do).
 
 MSE is on the [0, 1] pixel scale, averaged over pixels and images; `psnr` is 10 log10(1 / MSE) of
 that mean (what `diffae reconstruct` prints); `psnr_per_image` averages each image's PSNR.
