@@ -187,8 +187,6 @@ def cmd_interpolate(a) -> None:
 
 
 def cmd_edit(a) -> None:
-    import torch
-
     from .data import FASHION_MNIST_CLASSES, load
     from .engine.pipeline import Pipeline
     from .errors import InputError
@@ -201,20 +199,15 @@ def cmd_edit(a) -> None:
         raise InputError(f"{fit.name} has no labels: an editing direction is fitted on labelled train images")
     if a.n < 1 or a.fit_n < 2:
         raise InputError(f"--n must be >= 1 and --fit-n >= 2, got {a.n} and {a.fit_n}")
-    labels = fit.labels[:a.fit_n]
-    if not (labels == a.target).any():
-        raise InputError(f"class {a.target} has no image among the first {len(labels)} of {fit.name}'s train split")
-    direction = pipe.attribute_direction(fit.images[:len(labels)], labels == a.target)
     data = load(a.data, a.split)
-    # edit images of the other classes, so every row shows a change toward the target
-    pick = torch.arange(len(data)) if data.labels is None else (data.labels != a.target).nonzero().flatten()
-    x = data.images[pick[:a.n]]
-    edits = pipe.edit(x, direction, scales=a.scales, steps=a.steps)      # (S, n, C, H, W)
+    # images of the other classes, so every row shows a change toward the target
+    x, edits = pipe.edit_toward_class(fit.images[:a.fit_n], fit.labels[:a.fit_n], a.target, data.images,
+                                      data.labels, a.n, a.scales, a.steps)
     save_png(edit_grid(x, edits), out, upscale=a.upscale)
     name = f" ({FASHION_MNIST_CLASSES[a.target]})" if a.data == "fashion-mnist" and 0 <= a.target < 10 else ""
     print(f"wrote {out}: {x.shape[0]} images (rows) moved toward class {a.target}{name} by "
           f"{', '.join(f'{s:g}' for s in a.scales)} code sizes (columns after the original; 0 = reconstruction); "
-          f"direction fitted on {len(labels)} train codes")
+          f"direction fitted on {min(a.fit_n, len(fit))} train codes")
 
 
 def cmd_bench(a) -> None:

@@ -308,6 +308,23 @@ class Pipeline:
         return out.view(len(scales), *images.shape)
 
     @torch.no_grad()
+    def edit_toward_class(self, fit_images: torch.Tensor, fit_labels: torch.Tensor, target: int,
+                          images: torch.Tensor, labels: torch.Tensor | None = None, n: int = 8,
+                          scales=(0.0, 0.5, 1.0, 1.5, 2.0), steps: int = 20):
+        """Edit toward a class: its direction fitted on (fit_images, fit_labels), then the first n
+        of `images` not of that class (all of them without labels) moved along it.
+        Returns (those originals (n, C, H, W), their edits (len(scales), n, C, H, W))."""
+        positive = torch.as_tensor(fit_labels).cpu() == target
+        if not positive.any():
+            raise InputError(f"class {target} has no image among the {len(positive)} fit images")
+        pick = (torch.arange(len(images)) if labels is None
+                else (torch.as_tensor(labels).cpu() != target).nonzero().flatten())
+        if pick.numel() == 0:
+            raise InputError(f"every image is of class {target}: none to move toward it")
+        x = images[pick[:n].to(images.device)]
+        return x, self.edit(x, self.attribute_direction(fit_images, positive), scales, steps)
+
+    @torch.no_grad()
     def invert(self, images: torch.Tensor, z, steps: int = 20) -> torch.Tensor:
         """DDIM inversion: x0 and z (a code, or a function of t: see _denoise_fn) to x_T."""
         return samplers.ddim_invert(self._denoise_fn(z), images, self.model.process, steps,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..diffusion.samplers import SAMPLERS
-from ..errors import CheckpointError, ConfigError, OutputError
+from ..errors import CheckpointError, ConfigError, InputError, OutputError
 from ..images import edit_grid
 from . import fd as fdlib
 from . import plots, probe, reconstruction, report
@@ -223,14 +223,11 @@ def _save_edits(pipe, tr_x, tr_y, te_x, te_y, o: EvalOptions, path: Path) -> boo
     """DiffAE's editing figure: the direction of o.edit_target fitted on (up to 5000) train codes,
     four test images of other classes moved along it.  False (no figure) when the labels have no
     two groups to separate or no test image to move."""
-    n = min(5000, tr_x.shape[0])
-    positive = (tr_y[:n] == o.edit_target).cpu()
-    others = (te_y != o.edit_target).nonzero().flatten()[:4]
-    if positive.all() or not positive.any() or others.numel() == 0:
+    try:
+        x, edits = pipe.edit_toward_class(tr_x[:5000], tr_y[:5000], o.edit_target, te_x, te_y, 4, EDIT_SCALES,
+                                          o.interp_steps)
+    except InputError:
         return False
-    direction = pipe.attribute_direction(tr_x[:n], positive)
-    x = te_x[others.to(te_x.device)]
-    edits = pipe.edit(x, direction, EDIT_SCALES, steps=o.interp_steps)
     plots.save_png(edit_grid(x, edits), path, upscale=2)
     return True
 
