@@ -125,7 +125,7 @@ def _adaln_bwd_kernel(
     sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
     SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, FROM_NORM: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
     # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r), or with
@@ -133,7 +133,8 @@ def _adaln_bwd_kernel(
     # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
     # PREFETCH issues the loads of tile i + 1 before the row reductions of tile i, so each
     # program keeps two tiles in flight: the loop is otherwise bound by one memory round trip
-    # plus two block-wide reductions per tile.
+    # plus two block-wide reductions per tile.  STAGES > 1 (without PREFETCH) asks Triton's
+    # pipeliner instead to keep STAGES tiles in flight through shared memory, not registers.
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
@@ -174,7 +175,7 @@ def _adaln_bwd_kernel(
                 dr_n = _tile(DR, rows, cols, srn, mask)
             if GATE_TOK:
                 gt_n = _tile(GATE, rows, cols, sgn, mask)
-    for r0 in range(start, end, ROWS):
+    for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < N)[:, None] & cmask[None, :]
         out_off = rows[:, None] * C + cols[None, :]
@@ -275,7 +276,7 @@ def _gres_bwd_kernel(
     Y, GATE, DR, DY, DGATE, PGATE,
     N, C, rows_per_prog, S,
     syb, syn, sgb, sgn, srb, srn,
-    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid (S, cdiv(C, BLOCK_C), B); dx = dr needs no kernel.  dy = dr * gate, dgate = dr * y.
     # (Prefetching the next tile, as _adaln_bwd_kernel does, measured neutral here: the loop
@@ -294,7 +295,7 @@ def _gres_bwd_kernel(
     acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
-    for r0 in range(start, end, ROWS):
+    for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < N)[:, None] & cmask[None, :]
         out_off = rows[:, None] * C + cols[None, :]
@@ -361,11 +362,13 @@ TUNE: dict[str, int] = {
     "ln_bwd_programs_per_sm": 16,
     "ln_bwd_warps": 0,              # 0: one warp per 256 columns, 4 to 16
     "ln_bwd_prefetch": 1,           # load tile i + 1 while reducing tile i
+    "ln_bwd_stages": 1,             # > 1: software-pipelined loop (tl.range num_stages) instead
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
     "ew_warps": 4,
     "ew_bwd_programs_per_sm": 8,
+    "ew_bwd_stages": 1,
 }
 
 
@@ -554,7 +557,7 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
         SCALE_TOK=scale_tok, FROM_NORM=from_norm, ROWS=rows, BLOCK_C=block_c,
-        PREFETCH=bool(TUNE["ln_bwd_prefetch"]),
+        PREFETCH=bool(TUNE["ln_bwd_prefetch"]), STAGES=TUNE["ln_bwd_stages"],
         num_warps=warps,
     )
     partials, dtypes = [], []
@@ -608,7 +611,7 @@ def gated_residual_backward(gate, y, dr):
         y, gate, dr, dy, dgate, pgate,
         N, C, rows_per_prog, S,
         *_strides(y), *_strides(gate), *_strides(dr),
-        GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, STAGES=TUNE["ew_bwd_stages"], num_warps=warps,
     )
     return dy, (dgate if gate_tok else _sum_partials([pgate], [gate.dtype])[0])
 
