@@ -266,16 +266,15 @@ def sweep(B, N, C):
                ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
-        "ln_fwd": [{"ln_fwd_tile": t, "ln_fwd_warps": w} for t in (1024, 2048, 4096, 8192) for w in (1, 2, 4, 8)],
-        # the register-prefetched loop (ln_bwd_prefetch), and Triton's shared-memory pipelining
-        # of the plain loop (ln_bwd_stages), at 1 warp to 16
-        "ln_bwd": [{"ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p, "ln_bwd_warps": w,
-                    "ln_bwd_prefetch": int(st == 1), "ln_bwd_stages": st}
-                   for e in (8, 16) for p in (8, 16, 32) for w in (1, 2, 4, 0) for st in (1, 2, 3)],
+        "ln_fwd": [{"ln_fwd_split": sp, "ln_fwd_tile": t, "ln_fwd_warps": w}
+                   for sp in (0, 1) for t in (2048, 4096, 8192) for w in (1, 2, 4, 8)],
+        "ln_bwd": [{"ln_bwd_split": sp, "ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p,
+                    "ln_bwd_warps": w, "ln_bwd_stages": 3}
+                   for sp in (0, 1) for e in (8, 16) for p in (8, 16, 32) for w in (1, 2, 4)],
         "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
                 "ew_bwd_stages": st}
                for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
-               for p in (8, 16, 32) for st in (1, 3)],
+               for p in (8, 16) for st in (1, 3)],
     }
     default = dict(K.TUNE)
     out = []

@@ -74,47 +74,141 @@ def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_chunk_in(X, Y, GATE, R, b, rows, cols, mask, cmask, out_off, sxb, sxn, syb, syn, sgb, sgn,
+                  RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
+    # One column chunk of the LayerNorm input as fp32: x, or r = x + gate * y, which is written out.
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    if RESIDUAL:
+        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
+        # Round r to its storage dtype before normalising it, as the unfused ops would.
+        r = _cast(xf + g * y.to(tl.float32), R.dtype.element_ty)
+        tl.store(R + out_off, r, mask=mask)
+        xf = r.to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols, mask, cmask, out_off, xc, rstd, ssb, ssn, scb, scn,
+                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr):
+    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
+    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
+    xhat = xc * rstd[:, None]
+    tl.store(H + out_off, _cast(xhat * (1.0 + sc) + sh, H.dtype.element_ty), mask=mask)
+    if SAVE_NORM:
+        tl.store(XHAT + out_off, _cast(xhat, XHAT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE, R, H, XHAT, RSTD,
     N, C, eps,
     sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
     RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
-    SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.
+    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.  A row is one
+    # power-of-two chunk of BLOCK_A columns, or with BLOCK_B > 0 two (see _ln_blocks).
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (rows < N)[:, None] & cmask[None, :]
-    out_off = b * N * C + rows[:, None] * C + cols[None, :]  # outputs are contiguous (B, N, C)
-    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-    if RESIDUAL:
-        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
-        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
-        # Round r to its storage dtype before normalising it, as the unfused ops would.
-        r = _cast(x.to(tl.float32) + g * y.to(tl.float32), R.dtype.element_ty)
-        tl.store(R + out_off, r, mask=mask)
-        xf = r.to(tl.float32)
-    else:
-        xf = x.to(tl.float32)
-    mean = tl.sum(xf, axis=1) / C
-    xc = tl.where(mask, xf - mean[:, None], 0.0)
-    rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
-    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
-    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
-    xhat = xc * rstd[:, None]
-    h = xhat * (1.0 + sc) + sh
-    tl.store(H + out_off, _cast(h, H.dtype.element_ty), mask=mask)
+    rmask = rows < N
+    cols_a = tl.arange(0, BLOCK_A)
+    cmask_a = cols_a < C
+    mask_a = rmask[:, None] & cmask_a[None, :]
+    off_a = b * N * C + rows[:, None] * C + cols_a[None, :]  # outputs are contiguous (B, N, C)
+    xa = _fwd_chunk_in(X, Y, GATE, R, b, rows, cols_a, mask_a, cmask_a, off_a, sxb, sxn, syb, syn, sgb, sgn,
+                       RESIDUAL, GATE_TOK)
+    total = tl.sum(xa, axis=1)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        cmask_b = cols_b < C
+        mask_b = rmask[:, None] & cmask_b[None, :]
+        off_b = b * N * C + rows[:, None] * C + cols_b[None, :]
+        xb = _fwd_chunk_in(X, Y, GATE, R, b, rows, cols_b, mask_b, cmask_b, off_b, sxb, sxn, syb, syn, sgb, sgn,
+                           RESIDUAL, GATE_TOK)
+        total += tl.sum(xb, axis=1)
+    mean = total / C
+    xca = tl.where(mask_a, xa - mean[:, None], 0.0)
+    var = tl.sum(xca * xca, axis=1)
+    if BLOCK_B > 0:
+        xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
+        var += tl.sum(xcb * xcb, axis=1)
+    rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+    _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols_a, mask_a, cmask_a, off_a, xca, rstd, ssb, ssn, scb, scn,
+                   SHIFT_TOK, SCALE_TOK, SAVE_NORM)
+    if BLOCK_B > 0:
+        _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols_b, mask_b, cmask_b, off_b, xcb, rstd, ssb, ssn, scb,
+                       scn, SHIFT_TOK, SCALE_TOK, SAVE_NORM)
     if SAVE_NORM:
-        tl.store(XHAT + out_off, _cast(xhat, XHAT.dtype.element_ty), mask=mask)
-        tl.store(RSTD + b * N + rows, rstd, mask=rows < N)
+        tl.store(RSTD + b * N + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _tile(ptr, rows, cols, sn, mask):
-    # A (ROWS, BLOCK_C) tile in its storage dtype: prefetched tiles stay half-width in registers.
     return tl.load(ptr + rows[:, None] * sn + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols, mask, sxn, shn, scn, syn, srn, sgn, sc, gt,
+                  RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr, SCALE_TOK: tl.constexpr):
+    # Every load of one column chunk of a tile, issued before the tile's first reduction: one
+    # memory round trip per tile.  sc, gt: the per-sample rows, replaced here when per token.
+    # Returns (x, dh, dh * (1 + scale), y, dr, gate) as fp32; y and dr are dh where absent.
+    x = _tile(X, rows, cols, sxn, mask).to(tl.float32)
+    dh = _tile(DH, rows, cols, shn, mask).to(tl.float32)
+    if SCALE_TOK:
+        sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+    y = dh
+    dr = dh
+    if RESIDUAL:
+        y = _tile(Y, rows, cols, syn, mask).to(tl.float32)
+        if HAS_DR:
+            dr = _tile(DR, rows, cols, srn, mask).to(tl.float32)
+        if GATE_TOK:
+            gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+    return x, dh, dh * (1.0 + sc), y, dr, gt
+
+
+@triton.jit
+def _bwd_chunk_out(DX, DY, DGATE, DSCALE, off, mask, xhat, dh, wdh, y, dr, gt, c1, c2, rstd,
+                   acc_shift, acc_scale, acc_gate,
+                   RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
+                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr):
+    # One column chunk's outputs, and its per-sample sums accumulated in fp32.
+    dln = (wdh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if SCALE_TOK:
+        tl.store(DSCALE + off, _cast(dh * xhat, DSCALE.dtype.element_ty), mask=mask)
+    else:
+        acc_scale += dh * xhat
+    if not SHIFT_TOK:
+        acc_shift += dh
+    if RESIDUAL:
+        g = dln
+        if HAS_DR:
+            g += dr
+        tl.store(DX + off, _cast(g, DX.dtype.element_ty), mask=mask)
+        tl.store(DY + off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
+        if GATE_TOK:
+            tl.store(DGATE + off, _cast(g * y, DGATE.dtype.element_ty), mask=mask)
+        else:
+            acc_gate += g * y
+    else:
+        tl.store(DX + off, _cast(dln, DX.dtype.element_ty), mask=mask)
+    return acc_shift, acc_scale, acc_gate
+
+
+@triton.jit
+def _store_partials(PSHIFT, PSCALE, PGATE, part, cmask, acc_shift, acc_scale, acc_gate,
+                    RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
+                    SCALE_TOK: tl.constexpr):
+    if not SHIFT_TOK:
+        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
+    if not SCALE_TOK:
+        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
+    if RESIDUAL and not GATE_TOK:
+        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -125,16 +219,14 @@ def _adaln_bwd_kernel(
     sxb, sxn, syb, syn, sgb, sgn, scb, scn, srb, srn, shb, shn,
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
     SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, FROM_NORM: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
-    # sample b in tiles of ROWS.  X is the LayerNorm input (x, or the saved residual r), or with
-    # FROM_NORM the saved x_hat, with RSTD its rows' 1/std.
-    # Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g, dy = g * gate, dgate = g * y.
-    # PREFETCH issues the loads of tile i + 1 before the row reductions of tile i, so each
-    # program keeps two tiles in flight: the loop is otherwise bound by one memory round trip
-    # plus two block-wide reductions per tile.  STAGES > 1 (without PREFETCH) asks Triton's
-    # pipeliner instead to keep STAGES tiles in flight through shared memory, not registers.
+    # sample b in tiles of ROWS, each row in one or two column chunks as the forward.  X is the
+    # LayerNorm input (x, or the saved residual r), or with FROM_NORM the saved x_hat, with RSTD
+    # its rows' 1/std.  Without RESIDUAL: dx = dLN.  With it: g = dr + dLN, dx = g,
+    # dy = g * gate, dgate = g * y.  STAGES > 1 has Triton's pipeliner keep that many tiles'
+    # loads in flight (through shared memory, not registers).
     pid_s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
@@ -150,105 +242,85 @@ def _adaln_bwd_kernel(
         DR += b * srb
         DY += b * N * C
         DGATE += b * N * C
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    zero = tl.zeros([1, BLOCK_C], dtype=tl.int32)
-    if not SCALE_TOK:  # per-sample modulation: one row, loaded once
-        sc = _load_mod(SCALE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
+    cols_a = tl.arange(0, BLOCK_A)
+    cmask_a = cols_a < C
+    # per-sample modulation rows, loaded once (placeholders where per token)
+    sc_a = tl.zeros([1, BLOCK_A], dtype=tl.float32)
+    gt_a = tl.zeros([1, BLOCK_A], dtype=tl.float32)
+    if not SCALE_TOK:
+        sc_a = tl.load(SCALE + cols_a, mask=cmask_a, other=0.0).to(tl.float32)[None, :]
     if RESIDUAL and not GATE_TOK:
-        gt = _load_mod(GATE, 0, zero, cols, 0, 0, cmask[None, :], cmask, False)
-    acc_shift = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-    acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-    acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        gt_a = tl.load(GATE + cols_a, mask=cmask_a, other=0.0).to(tl.float32)[None, :]
+    acc_shift_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
+    acc_scale_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
+    acc_gate_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        cmask_b = cols_b < C
+        sc_b = tl.zeros([1, BLOCK_B], dtype=tl.float32)
+        gt_b = tl.zeros([1, BLOCK_B], dtype=tl.float32)
+        if not SCALE_TOK:
+            sc_b = tl.load(SCALE + cols_b, mask=cmask_b, other=0.0).to(tl.float32)[None, :]
+        if RESIDUAL and not GATE_TOK:
+            gt_b = tl.load(GATE + cols_b, mask=cmask_b, other=0.0).to(tl.float32)[None, :]
+        acc_shift_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
+        acc_scale_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
+        acc_gate_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
-    if PREFETCH:
-        rows = start + tl.arange(0, ROWS)
-        mask = (rows < end)[:, None] & cmask[None, :]
-        x_n = _tile(X, rows, cols, sxn, mask)
-        dh_n = _tile(DH, rows, cols, shn, mask)
-        if SCALE_TOK:
-            sc_n = _tile(SCALE, rows, cols, scn, mask)
-        if RESIDUAL:
-            y_n = _tile(Y, rows, cols, syn, mask)
-            if HAS_DR:
-                dr_n = _tile(DR, rows, cols, srn, mask)
-            if GATE_TOK:
-                gt_n = _tile(GATE, rows, cols, sgn, mask)
     for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
         rows = r0 + tl.arange(0, ROWS)
-        mask = (rows < N)[:, None] & cmask[None, :]
-        out_off = rows[:, None] * C + cols[None, :]
-        if PREFETCH:
-            x_t = x_n
-            dh_t = dh_n
-            nrows = rows + ROWS
-            nmask = (nrows < end)[:, None] & cmask[None, :]
-            x_n = _tile(X, nrows, cols, sxn, nmask)
-            dh_n = _tile(DH, nrows, cols, shn, nmask)
-            if SCALE_TOK:
-                sc = sc_n.to(tl.float32)
-                sc_n = _tile(SCALE, nrows, cols, scn, nmask)
-            if RESIDUAL:
-                y_t = y_n
-                y_n = _tile(Y, nrows, cols, syn, nmask)
-                if HAS_DR:
-                    dr_t = dr_n
-                    dr_n = _tile(DR, nrows, cols, srn, nmask)
-                if GATE_TOK:
-                    gt = gt_n.to(tl.float32)
-                    gt_n = _tile(GATE, nrows, cols, sgn, nmask)
-        else:
-            # Issue every load of the tile before the first reduction: one memory round trip per tile.
-            x_t = _tile(X, rows, cols, sxn, mask)
-            dh_t = _tile(DH, rows, cols, shn, mask)
-            if SCALE_TOK:
-                sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
-            if RESIDUAL:
-                y_t = _tile(Y, rows, cols, syn, mask)
-                if HAS_DR:
-                    dr_t = _tile(DR, rows, cols, srn, mask)
-                if GATE_TOK:
-                    gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
-        dh = dh_t.to(tl.float32)
+        rmask = rows < N
+        mask_a = rmask[:, None] & cmask_a[None, :]
+        off_a = rows[:, None] * C + cols_a[None, :]
+        xa, dha, wa, ya, dra, gta = _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols_a, mask_a,
+                                                  sxn, shn, scn, syn, srn, sgn, sc_a, gt_a,
+                                                  RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+        if BLOCK_B > 0:
+            mask_b = rmask[:, None] & cmask_b[None, :]
+            off_b = rows[:, None] * C + cols_b[None, :]
+            xb, dhb, wb, yb, drb, gtb = _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols_b, mask_b,
+                                                      sxn, shn, scn, syn, srn, sgn, sc_b, gt_b,
+                                                      RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
         if FROM_NORM:
-            xhat = x_t.to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+            xha = xa
+            if BLOCK_B > 0:
+                xhb = xb
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         else:
-            xf = x_t.to(tl.float32)
-            mean = tl.sum(xf, axis=1) / C
-            xc = tl.where(mask, xf - mean[:, None], 0.0)
-            rstd = tl.rsqrt((tl.sum(xc * xc, axis=1) / C + eps).to(tl.float32))  # eps: fp64 under inductor
-            xhat = xc * rstd[:, None]
-        wdh = dh * (1.0 + sc)
-        c1 = tl.sum(xhat * wdh, axis=1) / C
-        c2 = tl.sum(wdh, axis=1) / C
-        dln = (wdh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        if SCALE_TOK:
-            tl.store(DSCALE + out_off, _cast(dh * xhat, DSCALE.dtype.element_ty), mask=mask)
-        else:
-            acc_scale += dh * xhat
-        if not SHIFT_TOK:
-            acc_shift += dh
-        if RESIDUAL:
-            g = dln
-            if HAS_DR:
-                g += dr_t.to(tl.float32)
-            tl.store(DX + out_off, _cast(g, DX.dtype.element_ty), mask=mask)
-            tl.store(DY + out_off, _cast(g * gt, DY.dtype.element_ty), mask=mask)
-            if GATE_TOK:
-                tl.store(DGATE + out_off, _cast(g * y_t.to(tl.float32), DGATE.dtype.element_ty), mask=mask)
-            else:
-                acc_gate += g * y_t.to(tl.float32)
-        else:
-            tl.store(DX + out_off, _cast(dln, DX.dtype.element_ty), mask=mask)
-    part = (b * S + pid_s) * C + cols  # (B, S, C) fp32 partial sums
-    if not SHIFT_TOK:
-        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
-    if not SCALE_TOK:
-        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
-    if RESIDUAL and not GATE_TOK:
-        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
+            total = tl.sum(xa, axis=1)
+            if BLOCK_B > 0:
+                total += tl.sum(xb, axis=1)
+            mean = total / C
+            xca = tl.where(mask_a, xa - mean[:, None], 0.0)
+            var = tl.sum(xca * xca, axis=1)
+            if BLOCK_B > 0:
+                xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
+                var += tl.sum(xcb * xcb, axis=1)
+            rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+            xha = xca * rstd[:, None]
+            if BLOCK_B > 0:
+                xhb = xcb * rstd[:, None]
+        c1 = tl.sum(xha * wa, axis=1)
+        c2 = tl.sum(wa, axis=1)
+        if BLOCK_B > 0:
+            c1 += tl.sum(xhb * wb, axis=1)
+            c2 += tl.sum(wb, axis=1)
+        c1 = c1 / C
+        c2 = c2 / C
+        acc_shift_a, acc_scale_a, acc_gate_a = _bwd_chunk_out(
+            DX, DY, DGATE, DSCALE, off_a, mask_a, xha, dha, wa, ya, dra, gta, c1, c2, rstd,
+            acc_shift_a, acc_scale_a, acc_gate_a, RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
+        if BLOCK_B > 0:
+            acc_shift_b, acc_scale_b, acc_gate_b = _bwd_chunk_out(
+                DX, DY, DGATE, DSCALE, off_b, mask_b, xhb, dhb, wb, yb, drb, gtb, c1, c2, rstd,
+                acc_shift_b, acc_scale_b, acc_gate_b, RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
+    part = (b * S + pid_s) * C  # (B, S, C) fp32 partial sums
+    _store_partials(PSHIFT, PSCALE, PGATE, part + cols_a, cmask_a, acc_shift_a, acc_scale_a, acc_gate_a,
+                    RESIDUAL, GATE_TOK, SHIFT_TOK, SCALE_TOK)
+    if BLOCK_B > 0:
+        _store_partials(PSHIFT, PSCALE, PGATE, part + cols_b, cmask_b, acc_shift_b, acc_scale_b, acc_gate_b,
+                        RESIDUAL, GATE_TOK, SHIFT_TOK, SCALE_TOK)
 
 
 @triton.jit
@@ -279,8 +351,8 @@ def _gres_bwd_kernel(
     GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
 ):
     # grid (S, cdiv(C, BLOCK_C), B); dx = dr needs no kernel.  dy = dr * gate, dgate = dr * y.
-    # (Prefetching the next tile, as _adaln_bwd_kernel does, measured neutral here: the loop
-    # body has no reduction for the loads to hide behind.)
+    # (Prefetching the next tile into registers measured neutral here: the loop body has no
+    # reduction for the loads to hide behind.)
     pid_s = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Y += b * syb  # per-sample base pointers: 32-bit offsets below
@@ -343,26 +415,29 @@ def _sum_partials_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-# Launch configuration.  Forward: one tile of ROWS * BLOCK_C elements per program (measured at
-# 76-103 % of the copy rate on an H200).  Backward: the programs loop over rows and keep fp32
-# accumulators, so registers decide how many fit on an SM; tiles of 8 elements per thread keep
-# them near 64-128 registers (ptxas: 118 for the fused kernel at C = 768, 4 warps) against 249 for
-# 16 per thread, which let one program onto an SM.  programs_per_sm sets how many programs share
-# the rows of one sample (more: more parallelism, bigger partial-sum buffer).  The defaults are
-# the best of benchmarks/bench_adaln.py --sweep on an H200 (2026-12-02); prefetching raised the
-# LayerNorm backward kernels from 1.2-2.4 to 1.7-3.0 TB/s.  Tried and measured slower there:
-# splitting a row into two power-of-two column chunks (768 = 512 + 256: no padded lanes,
-# registers 128 -> 72) made the backward 0.8x as fast (median of 48 configurations; the best
-# fell from 2.7 to 1.6 TB/s), presumably from twice the block-wide reductions and narrower vector
-# loads; prefetching in the gated-residual backward changed nothing.  Benchmarks may override entries of TUNE.
+# Launch configuration.  Forward: one tile of ROWS full rows per program.  Backward: the programs
+# loop over rows and keep fp32 accumulators, so registers decide how many fit on an SM; tiles of 8
+# elements per thread keep them near 64-128 registers (ptxas: 118 for the fused kernel at C = 768,
+# 4 warps) against 249 for 16 per thread, which let one program onto an SM.  programs_per_sm sets
+# how many programs share the rows of one sample (more: more parallelism, bigger partial-sum
+# buffer).  ln_*_split: a row whose width is not a power of two is two power-of-two column chunks
+# (768 = 512 + 256, 1152 = 1024 + 128) rather than one padded block (1024, 2048: a quarter and
+# nearly half of the lanes idle but still computing).  Measured on an H200 (bench_adaln.py
+# --sweep): register prefetching of the next tile raised the backward from 1.2-2.4 to 1.7-3.0
+# TB/s, and Triton's pipelining of the plain loop (ln_bwd_stages, through shared memory) matched
+# or beat it at every shape (up to 2.9 against 2.7 TB/s at 768, 1-2 warps), so it replaced it.
+# The split was measured 0.8x at 4 warps per row (2026-12-02), presumably from twice the
+# block-wide reductions through shared memory; at 1-2 warps a row reduces within its warps.
+# The defaults are the best of the sweep.  Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
-    "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * BLOCK_C)
+    "ln_fwd_split": 0,              # two power-of-two column chunks for a non-power-of-two C
+    "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
     "ln_fwd_warps": 4,
+    "ln_bwd_split": 0,
     "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 16,
-    "ln_bwd_warps": 0,              # 0: one warp per 256 columns, 4 to 16
-    "ln_bwd_prefetch": 1,           # load tile i + 1 while reducing tile i
-    "ln_bwd_stages": 1,             # > 1: software-pipelined loop (tl.range num_stages) instead
+    "ln_bwd_warps": 2,              # 0: one warp per 256 columns, 4 to 16
+    "ln_bwd_stages": 3,             # tiles in flight in the backward loop (tl.range num_stages)
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
@@ -387,9 +462,19 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: small, but enough to split samples over several programs in tests
 
 
-def _rows_pow2(n: int, tile: int, block_c: int) -> int:
-    # ROWS: fill the tile, but never beyond the (power-of-two rounded) number of rows.
-    return max(1, min(tile // block_c, _pow2(n)))
+def _rows_pow2(n: int, tile: int, width: int) -> int:
+    # ROWS: a power of two filling the tile, but never beyond the (rounded) number of rows.
+    fit = tile // width
+    return max(1, min(1 << (fit.bit_length() - 1) if fit else 1, _pow2(n)))
+
+
+def _ln_blocks(C: int, split: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B): a row's one padded power-of-two block (BLOCK_B = 0), or with split the
+    largest power of two below C and the power of two covering the rest."""
+    full = _pow2(C)
+    if not split or full == C:
+        return full, 0
+    return full // 2, _pow2(C - full // 2)
 
 
 def _split(B: int, N: int, rows: int, device: torch.device, per_sm: int, col_tiles: int = 1) -> tuple[int, int]:
@@ -498,15 +583,16 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     else:  # placeholders, never touched (RESIDUAL is a constexpr); not x, which the op must not
         gate = y = r = torch.empty((1,), device=x.device, dtype=x.dtype)  # appear to write
-    block_c = _pow2(C)
-    rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_c)
-    warps = TUNE["ln_fwd_warps"] if rows * block_c <= TUNE["ln_fwd_tile"] else 8
+    block_a, block_b = _ln_blocks(C, TUNE["ln_fwd_split"])
+    rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_a + block_b)
+    warps = TUNE["ln_fwd_warps"] if rows * (block_a + block_b) <= TUNE["ln_fwd_tile"] else 8
     wrap_triton(_adaln_fwd_kernel)[(_cdiv(N, rows), B)](
         x, y, gate, shift, scale, r, h, xhat, rstd,
         N, C, eps,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
-        SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
+        num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 
@@ -526,9 +612,9 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
     from_norm = rstd is not None
     shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
     gate_tok = residual and gate.dim() == 3
-    block_c = _pow2(C)
-    warps = TUNE["ln_bwd_warps"] or max(4, min(16, block_c // 256))
-    rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_c)
+    block_a, block_b = _ln_blocks(C, TUNE["ln_bwd_split"])
+    warps = TUNE["ln_bwd_warps"] or max(4, min(16, (block_a + block_b) // 256))
+    rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_a + block_b)
     S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
     dummy = torch.empty((1,), device=dev, dtype=torch.float32)  # for pointers a constexpr disables
     # dx in the LayerNorm input's dtype; x_hat is only saved for an fp32 input (see _save_norm)
@@ -556,8 +642,8 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
         N, C, eps, rows_per_prog, S,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
-        SCALE_TOK=scale_tok, FROM_NORM=from_norm, ROWS=rows, BLOCK_C=block_c,
-        PREFETCH=bool(TUNE["ln_bwd_prefetch"]), STAGES=TUNE["ln_bwd_stages"],
+        SCALE_TOK=scale_tok, FROM_NORM=from_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
+        STAGES=TUNE["ln_bwd_stages"],
         num_warps=warps,
     )
     partials, dtypes = [], []

@@ -135,6 +135,20 @@ def test_matches_reference(op, per_token, dtype, mod_dtype, C, N):
     run_and_check(op, make_inputs(2, N, C, dtype, mod_dtype, per_token))
 
 
+@pytest.mark.parametrize("split", [0, 1], ids=["one_block", "two_chunks"])
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+@pytest.mark.parametrize("C", [72, 137])  # 64 + 8 exactly; 128 + a masked 16-wide chunk
+def test_row_layouts_match_reference(monkeypatch, split, op, per_token, C):
+    # Both row layouts of the LayerNorm kernels, whichever the defaults pick; the fp32 stream into
+    # bf16 output exercises the backward from the saved x_hat as well.
+    monkeypatch.setitem(K.TUNE, "ln_fwd_split", split)
+    monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
+    assert (K._ln_blocks(C, split)[1] > 0) == bool(split)
+    run_and_check(op, make_inputs(2, 33, C, BF16, F32, per_token))
+    run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
+
+
 @pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("out_dtype", [BF16, F16], ids=["h_bf16", "h_fp16"])
