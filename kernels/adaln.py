@@ -428,15 +428,16 @@ def _sum_partials_kernel(
 # or beat it at every shape (up to 2.9 against 2.7 TB/s at 768, 1-2 warps), so it replaced it.
 # The split was measured 0.8x at 4 warps per row (2026-12-02), presumably from twice the
 # block-wide reductions through shared memory; at 1-2 warps a row reduces within its warps.
-# The defaults are the best of the sweep.  Benchmarks may override entries of TUNE.
+# The defaults are the best of the sweep (2026-12-03: the backward at 74-81 % of the copy rate,
+# from 49-72 %).  Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_split": 0,              # two power-of-two column chunks for a non-power-of-two C
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
     "ln_fwd_warps": 4,
-    "ln_bwd_split": 0,
-    "ln_bwd_elems_per_thread": 8,   # per loaded tensor, per loop iteration
+    "ln_bwd_split": 1,
+    "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 16,
-    "ln_bwd_warps": 2,              # 0: one warp per 256 columns, 4 to 16
+    "ln_bwd_warps": 1,              # 0: one warp per 256 columns, 4 to 16
     "ln_bwd_stages": 3,             # tiles in flight in the backward loop (tl.range num_stages)
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
