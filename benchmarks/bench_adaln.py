@@ -246,7 +246,7 @@ def training_mode(B, N, C):
     return rows
 
 
-def sweep(B, N, C):
+def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ew")):
     """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
     x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
     spec = op_specs(B, N, C)
@@ -266,11 +266,16 @@ def sweep(B, N, C):
                ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
-        "ln_fwd": [{"ln_fwd_split": sp, "ln_fwd_tile": t, "ln_fwd_warps": w}
-                   for sp in (0, 1) for t in (2048, 4096, 8192) for w in (1, 2, 4, 8)],
-        "ln_bwd": [{"ln_bwd_split": sp, "ln_bwd_elems_per_thread": e, "ln_bwd_programs_per_sm": p,
+        # a tile per program (programs_per_sm 0), or a pipelined loop over tiles per program
+        "ln_fwd": [{"ln_fwd_split": sp, "ln_fwd_tile": t, "ln_fwd_warps": w, "ln_fwd_programs_per_sm": p,
+                    "ln_fwd_stages": st}
+                   for sp in (0, 1)
+                   for t, w in ((2048, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 4), (8192, 8))
+                   for p, st in ((0, 1), (8, 2), (16, 2), (16, 3), (32, 2))],
+        # the grid (programs sharing a sample's rows) finely, at the warps that won before
+        "ln_bwd": [{"ln_bwd_split": sp, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
                     "ln_bwd_warps": w, "ln_bwd_stages": 3}
-                   for sp in (0, 1) for e in (8, 16) for p in (8, 16, 32) for w in (1, 2, 4)],
+                   for sp, w in ((1, 1), (1, 2), (0, 4)) for p in (4, 6, 8, 10, 12, 16, 24)],
         "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
                 "ew_bwd_stages": st}
                for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
@@ -279,6 +284,8 @@ def sweep(B, N, C):
     default = dict(K.TUNE)
     out = []
     for group, cfgs in grids.items():
+        if group not in groups:
+            continue
         for cfg in cfgs:
             K.TUNE.update(cfg)
             for label, fn, nbytes in kernels[group]:
@@ -289,6 +296,26 @@ def sweep(B, N, C):
                             "gbps": gbps(nbytes, ms)})
             K.TUNE.clear()
             K.TUNE.update(default)
+    return out
+
+
+def compiled_kernels() -> list[dict]:
+    """Resources of every compiled variant of the LayerNorm kernels and the resident programs per
+    SM they allow (Hopper limits: 32 blocks, 64 warps, 64K registers, 227 KiB shared memory +
+    1 KiB reserved per block): what bounds a one-wave grid."""
+    out = []
+    for jit in (K._adaln_fwd_kernel, K._adaln_bwd_kernel):
+        for caches in jit.device_caches.values():
+            for ck in caches[0].values():
+                names = jit.arg_names
+                const = {names[k[0]]: v for k, v in getattr(ck.src, "constants", {}).items()
+                         if isinstance(k, tuple) and len(k) == 1 and names[k[0]].isupper()}
+                warps, shared, regs = ck.metadata.num_warps, ck.metadata.shared, ck.n_regs
+                reg_alloc = -(-regs * 32 // 256) * 256 * warps  # per block, 256-register granules
+                fit = min(32, 64 // warps, 65536 // max(reg_alloc, 1), (233472 // (shared + 1024)))
+                out.append({"kernel": jit.__name__, "constexprs": const, "warps": warps,
+                            "stages": ck.metadata.num_stages, "regs": regs, "spills": ck.n_spills,
+                            "shared": shared, "blocks_per_sm": fit})
     return out
 
 
@@ -313,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_bwd", "ew"], help="with --sweep: kernel groups")
     ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
     ap.add_argument("--apply-best", action="store_true", help="with --sweep: benchmark the best configuration")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -350,10 +378,18 @@ def _main(args) -> int:
     if args.sweep:
         result["sweep"] = []
         for B, N, C in shapes:
-            result["sweep"] += sweep(B, N, C)
+            result["sweep"] += sweep(B, N, C, args.groups)
         print("sweep (kernel alone, GB/s):")
         for s in result["sweep"]:
             print(f"  {s['shape']} {s['kernel']:9s} {s['gbps']:7.0f}  {s['config']}")
+        if not SMOKE:
+            try:  # reads Triton's internals, which move between versions: a diagnostic, not a result
+                result["compiled"] = compiled_kernels()
+            except Exception as e:  # noqa: BLE001
+                print(f"compiled-kernel resources unavailable: {e!r}")
+            for c in result.get("compiled", []):
+                print(f"  {c['kernel']} {c['constexprs']} warps {c['warps']} regs {c['regs']} "
+                      f"spills {c['spills']} shared {c['shared']} -> {c['blocks_per_sm']} per SM")
         if args.apply_best:
             result["sweep_best"] = best_configs(result["sweep"])
             K.TUNE.update(result["sweep_best"])

@@ -5,6 +5,7 @@
 #                                          # share of the dae-b step, Triton vs SDPA
 #   bash benchmarks/gpu_session3.sh measure  # the yardstick's sampling, then dae-b's throughput beside the yardstick's
 #   bash benchmarks/gpu_session3.sh adaln  # AdaLN launch-configuration sweep, then the benchmark with the best
+#   bash benchmarks/gpu_session3.sh tune   # the AdaLN tests on the GPU, then the LayerNorm kernels' sweep alone
 #   bash benchmarks/gpu_session3.sh memory # GPU tests of the AdaLN kernels and the model; dae-b's compiled
 #                                          # step beside the yardstick, then with the attention kernels'
 #                                          # fixed configs; every compile on cold caches
@@ -58,6 +59,12 @@ case "${1:-train}" in
   adaln)
     timeout "$(left 570)" python3 benchmarks/bench_adaln.py --sweep --apply-best --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
+  tune)  # the AdaLN tests on the GPU (the whole file), then the LayerNorm launch sweep alone
+    timeout 200 python3 -m pytest tests/test_adaln.py -o addopts="" -p no:cacheprovider -q -x > "$OUT/test_adaln.log" 2>&1
+    tail -8 "$OUT/test_adaln.log"
+    timeout "$(left 575)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_bwd --no-bench --out "$OUT" \
+      > "$OUT/adaln-sweep.log" 2>&1
+    grep -v "^  \[" "$OUT/adaln-sweep.log" | tail -40 ;;
   memory)
     gpu_tests tests/test_adaln.py tests/test_model.py tests/test_throughput.py
     cold() { export TORCHINDUCTOR_CACHE_DIR=/tmp/cold-$1/inductor TRITON_CACHE_DIR=/tmp/cold-$1/triton; }

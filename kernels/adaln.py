@@ -74,80 +74,114 @@ def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_chunk_in(X, Y, GATE, R, b, rows, cols, mask, cmask, out_off, sxb, sxn, syb, syn, sgb, sgn,
-                  RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
-    # One column chunk of the LayerNorm input as fp32: x, or r = x + gate * y, which is written out.
-    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-    xf = x.to(tl.float32)
-    if RESIDUAL:
-        y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
-        g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
-        # Round r to its storage dtype before normalising it, as the unfused ops would.
-        r = _cast(xf + g * y.to(tl.float32), R.dtype.element_ty)
-        tl.store(R + out_off, r, mask=mask)
-        xf = r.to(tl.float32)
-    return xf
-
-
-@triton.jit
-def _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols, mask, cmask, out_off, xc, rstd, ssb, ssn, scb, scn,
-                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr):
-    sh = _load_mod(SHIFT, b, rows, cols, ssb, ssn, mask, cmask, SHIFT_TOK)
-    sc = _load_mod(SCALE, b, rows, cols, scb, scn, mask, cmask, SCALE_TOK)
-    xhat = xc * rstd[:, None]
-    tl.store(H + out_off, _cast(xhat * (1.0 + sc) + sh, H.dtype.element_ty), mask=mask)
-    if SAVE_NORM:
-        tl.store(XHAT + out_off, _cast(xhat, XHAT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _adaln_fwd_kernel(
-    X, Y, GATE, SHIFT, SCALE, R, H, XHAT, RSTD,
-    N, C, eps,
-    sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
-    RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
-    SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    # grid (cdiv(N, ROWS), B): one tile of ROWS full rows of sample b per program.  A row is one
-    # power-of-two chunk of BLOCK_A columns, or with BLOCK_B > 0 two (see _ln_blocks).
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < N
-    cols_a = tl.arange(0, BLOCK_A)
-    cmask_a = cols_a < C
-    mask_a = rmask[:, None] & cmask_a[None, :]
-    off_a = b * N * C + rows[:, None] * C + cols_a[None, :]  # outputs are contiguous (B, N, C)
-    xa = _fwd_chunk_in(X, Y, GATE, R, b, rows, cols_a, mask_a, cmask_a, off_a, sxb, sxn, syb, syn, sgb, sgn,
-                       RESIDUAL, GATE_TOK)
-    total = tl.sum(xa, axis=1)
-    if BLOCK_B > 0:
-        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        cmask_b = cols_b < C
-        mask_b = rmask[:, None] & cmask_b[None, :]
-        off_b = b * N * C + rows[:, None] * C + cols_b[None, :]
-        xb = _fwd_chunk_in(X, Y, GATE, R, b, rows, cols_b, mask_b, cmask_b, off_b, sxb, sxn, syb, syn, sgb, sgn,
-                           RESIDUAL, GATE_TOK)
-        total += tl.sum(xb, axis=1)
-    mean = total / C
-    xca = tl.where(mask_a, xa - mean[:, None], 0.0)
-    var = tl.sum(xca * xca, axis=1)
-    if BLOCK_B > 0:
-        xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
-        var += tl.sum(xcb * xcb, axis=1)
-    rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
-    _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols_a, mask_a, cmask_a, off_a, xca, rstd, ssb, ssn, scb, scn,
-                   SHIFT_TOK, SCALE_TOK, SAVE_NORM)
-    if BLOCK_B > 0:
-        _fwd_chunk_out(H, XHAT, SHIFT, SCALE, b, rows, cols_b, mask_b, cmask_b, off_b, xcb, rstd, ssb, ssn, scb,
-                       scn, SHIFT_TOK, SCALE_TOK, SAVE_NORM)
-    if SAVE_NORM:
-        tl.store(RSTD + b * N + rows, rstd, mask=rmask)
+def _mod_row(ptr, cols, cmask, PER_TOKEN: tl.constexpr):
+    # A per-sample modulation row as fp32 (1, BLOCK), loaded once per program; zeros (unused: the
+    # tile loops load their own) where the modulation is per token.
+    if PER_TOKEN:
+        return tl.zeros([1, cols.shape[0]], dtype=tl.float32)
+    return tl.load(ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
 def _tile(ptr, rows, cols, sn, mask):
     return tl.load(ptr + rows[:, None] * sn + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_chunk_in(X, Y, GATE, R, rows, cols, mask, off, sxn, syn, sgn, gt,
+                  RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
+    # One column chunk of the LayerNorm input as fp32: x, or r = x + gate * y, which is written out.
+    # gt: the per-sample gate row, replaced here when per token.
+    xf = _tile(X, rows, cols, sxn, mask).to(tl.float32)
+    if RESIDUAL:
+        y = _tile(Y, rows, cols, syn, mask).to(tl.float32)
+        if GATE_TOK:
+            gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+        # Round r to its storage dtype before normalising it, as the unfused ops would.
+        r = _cast(xf + gt * y, R.dtype.element_ty)
+        tl.store(R + off, r, mask=mask)
+        xf = r.to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols, mask, off, xc, rstd, ssn, scn, sh, sc,
+                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr):
+    # sh, sc: the per-sample rows, replaced here when per token.
+    if SHIFT_TOK:
+        sh = _tile(SHIFT, rows, cols, ssn, mask).to(tl.float32)
+    if SCALE_TOK:
+        sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+    xhat = xc * rstd[:, None]
+    tl.store(H + off, _cast(xhat * (1.0 + sc) + sh, H.dtype.element_ty), mask=mask)
+    if SAVE_NORM:
+        tl.store(XHAT + off, _cast(xhat, XHAT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X, Y, GATE, SHIFT, SCALE, R, H, XHAT, RSTD,
+    N, C, eps, rows_per_prog,
+    sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
+    RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
+    SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+):
+    # grid (S, B): program s of sample b normalises rows [s * rows_per_prog, +rows_per_prog) in
+    # tiles of ROWS full rows, loading the per-sample modulation once.  A row is one power-of-two
+    # chunk of BLOCK_A columns, or with BLOCK_B > 0 two (see _ln_blocks).
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    # Move every base pointer to sample b once: per-element offsets then stay 32-bit.
+    X += b * sxb
+    SHIFT += b * ssb
+    SCALE += b * scb
+    H += b * N * C  # outputs are contiguous (B, N, C)
+    XHAT += b * N * C
+    RSTD += b * N
+    if RESIDUAL:
+        Y += b * syb
+        GATE += b * sgb
+        R += b * N * C
+    cols_a = tl.arange(0, BLOCK_A)
+    cmask_a = cols_a < C
+    sh_a = _mod_row(SHIFT, cols_a, cmask_a, SHIFT_TOK)
+    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK)
+    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or not RESIDUAL)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        cmask_b = cols_b < C
+        sh_b = _mod_row(SHIFT, cols_b, cmask_b, SHIFT_TOK)
+        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK)
+        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or not RESIDUAL)
+    start = pid_s * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, N)
+    for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
+        rows = r0 + tl.arange(0, ROWS)
+        rmask = rows < end
+        mask_a = rmask[:, None] & cmask_a[None, :]
+        off_a = rows[:, None] * C + cols_a[None, :]
+        xa = _fwd_chunk_in(X, Y, GATE, R, rows, cols_a, mask_a, off_a, sxn, syn, sgn, gt_a, RESIDUAL, GATE_TOK)
+        total = tl.sum(xa, axis=1)
+        if BLOCK_B > 0:
+            mask_b = rmask[:, None] & cmask_b[None, :]
+            off_b = rows[:, None] * C + cols_b[None, :]
+            xb = _fwd_chunk_in(X, Y, GATE, R, rows, cols_b, mask_b, off_b, sxn, syn, sgn, gt_b, RESIDUAL, GATE_TOK)
+            total += tl.sum(xb, axis=1)
+        mean = total / C
+        xca = tl.where(mask_a, xa - mean[:, None], 0.0)
+        var = tl.sum(xca * xca, axis=1)
+        if BLOCK_B > 0:
+            xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
+            var += tl.sum(xcb * xcb, axis=1)
+        rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+        _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_a, mask_a, off_a, xca, rstd, ssn, scn, sh_a, sc_a,
+                       SHIFT_TOK, SCALE_TOK, SAVE_NORM)
+        if BLOCK_B > 0:
+            _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_b, mask_b, off_b, xcb, rstd, ssn, scn, sh_b, sc_b,
+                           SHIFT_TOK, SCALE_TOK, SAVE_NORM)
+        if SAVE_NORM:
+            tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -245,24 +279,16 @@ def _adaln_bwd_kernel(
     cols_a = tl.arange(0, BLOCK_A)
     cmask_a = cols_a < C
     # per-sample modulation rows, loaded once (placeholders where per token)
-    sc_a = tl.zeros([1, BLOCK_A], dtype=tl.float32)
-    gt_a = tl.zeros([1, BLOCK_A], dtype=tl.float32)
-    if not SCALE_TOK:
-        sc_a = tl.load(SCALE + cols_a, mask=cmask_a, other=0.0).to(tl.float32)[None, :]
-    if RESIDUAL and not GATE_TOK:
-        gt_a = tl.load(GATE + cols_a, mask=cmask_a, other=0.0).to(tl.float32)[None, :]
+    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK)
+    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or not RESIDUAL)
     acc_shift_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     acc_scale_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     acc_gate_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     if BLOCK_B > 0:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         cmask_b = cols_b < C
-        sc_b = tl.zeros([1, BLOCK_B], dtype=tl.float32)
-        gt_b = tl.zeros([1, BLOCK_B], dtype=tl.float32)
-        if not SCALE_TOK:
-            sc_b = tl.load(SCALE + cols_b, mask=cmask_b, other=0.0).to(tl.float32)[None, :]
-        if RESIDUAL and not GATE_TOK:
-            gt_b = tl.load(GATE + cols_b, mask=cmask_b, other=0.0).to(tl.float32)[None, :]
+        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK)
+        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or not RESIDUAL)
         acc_shift_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
         acc_scale_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
         acc_gate_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
@@ -434,6 +460,8 @@ TUNE: dict[str, int] = {
     "ln_fwd_split": 0,              # two power-of-two column chunks for a non-power-of-two C
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
     "ln_fwd_warps": 4,
+    "ln_fwd_programs_per_sm": 0,    # 0: one tile per program, else a loop over tiles per program
+    "ln_fwd_stages": 1,             # tiles in flight in that loop
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 16,
@@ -587,13 +615,15 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
     block_a, block_b = _ln_blocks(C, TUNE["ln_fwd_split"])
     rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_a + block_b)
     warps = TUNE["ln_fwd_warps"] if rows * (block_a + block_b) <= TUNE["ln_fwd_tile"] else 8
-    wrap_triton(_adaln_fwd_kernel)[(_cdiv(N, rows), B)](
+    per_sm = TUNE["ln_fwd_programs_per_sm"]
+    S, rows_per_prog = _split(B, N, rows, x.device, per_sm) if per_sm else (_cdiv(N, rows), rows)
+    wrap_triton(_adaln_fwd_kernel)[(S, B)](
         x, y, gate, shift, scale, r, h, xhat, rstd,
-        N, C, eps,
+        N, C, eps, rows_per_prog,
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
         SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        num_warps=warps,
+        STAGES=TUNE["ln_fwd_stages"], num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 

@@ -135,15 +135,24 @@ def test_matches_reference(op, per_token, dtype, mod_dtype, C, N):
     run_and_check(op, make_inputs(2, N, C, dtype, mod_dtype, per_token))
 
 
+@pytest.mark.parametrize("fwd_loop", [False, True], ids=["tile_per_program", "tile_loop"])
 @pytest.mark.parametrize("split", [0, 1], ids=["one_block", "two_chunks"])
 @pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("C", [72, 137])  # 64 + 8 exactly; 128 + a masked 16-wide chunk
-def test_row_layouts_match_reference(monkeypatch, split, op, per_token, C):
+def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token, C):
     # Both row layouts of the LayerNorm kernels, whichever the defaults pick; the fp32 stream into
-    # bf16 output exercises the backward from the saved x_hat as well.
+    # bf16 output exercises the backward from the saved x_hat as well.  tile_loop: the forward
+    # programs loop over several small tiles each (pipelined), the last one cut short by N.
     monkeypatch.setitem(K.TUNE, "ln_fwd_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
+    if fwd_loop:
+        monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 1)
+        monkeypatch.setitem(K.TUNE, "ln_fwd_stages", 2)
+        monkeypatch.setitem(K.TUNE, "ln_fwd_tile", 512)
+        rows = K._rows_pow2(33, 512, sum(K._ln_blocks(C, split)))
+        S, per_prog = K._split(2, 33, rows, torch.device("cpu"), 1)
+        assert per_prog >= 2 * rows and S * per_prog > 33  # several tiles each, a partial tail
     assert (K._ln_blocks(C, split)[1] > 0) == bool(split)
     run_and_check(op, make_inputs(2, 33, C, BF16, F32, per_token))
     run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
