@@ -246,7 +246,7 @@ def training_mode(B, N, C):
     return rows
 
 
-def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ew")):
+def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ln_bwd_fused", "ew")):
     """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
     x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
     spec = op_specs(B, N, C)
@@ -259,9 +259,9 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ew")):
                    ("fused", lambda: lib.gated_residual_adaln(x, gate, y, shift, scale, eps),
                     spec["gated_residual_adaln"][1])],
         "ln_bwd": [("adaln", lambda: lib.adaln_modulate_backward(x, shift, scale, g1, eps),
-                    spec["adaln_modulate"][2]),
-                   ("fused", lambda: lib.gated_residual_adaln_backward(r, gate, y, shift, scale, g1, g2, eps),
-                    spec["gated_residual_adaln"][2])],
+                    spec["adaln_modulate"][2])],
+        "ln_bwd_fused": [("fused", lambda: lib.gated_residual_adaln_backward(r, gate, y, shift, scale, g1, g2, eps),
+                          spec["gated_residual_adaln"][2])],
         "ew": [("gres_fwd", lambda: lib.gated_residual(x, gate, y), spec["gated_residual"][1]),
                ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
@@ -276,6 +276,9 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ew")):
         "ln_bwd": [{"ln_bwd_split": sp, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
                     "ln_bwd_warps": w, "ln_bwd_stages": 3}
                    for sp, w in ((1, 1), (1, 2), (0, 4)) for p in (4, 6, 8, 10, 12, 16, 24)],
+        # the fused kernel's own grid and warps (split, tile and stages: the plain kernel's)
+        "ln_bwd_fused": [{"ln_bwd_fused_programs_per_sm": p, "ln_bwd_fused_warps": w}
+                         for w in (1, 2) for p in (4, 6, 8, 10, 12, 16, 24)],
         "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
                 "ew_bwd_stages": st}
                for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
-    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_bwd", "ew"], help="with --sweep: kernel groups")
+    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_bwd", "ln_bwd_fused", "ew"], help="with --sweep: kernel groups")
     ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
     ap.add_argument("--apply-best", action="store_true", help="with --sweep: benchmark the best configuration")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)

@@ -441,32 +441,37 @@ def _sum_partials_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-# Launch configuration.  Forward: one tile of ROWS full rows per program.  Backward: the programs
-# loop over rows and keep fp32 accumulators, so registers decide how many fit on an SM; tiles of 8
-# elements per thread keep them near 64-128 registers (ptxas: 118 for the fused kernel at C = 768,
-# 4 warps) against 249 for 16 per thread, which let one program onto an SM.  programs_per_sm sets
-# how many programs share the rows of one sample (more: more parallelism, bigger partial-sum
-# buffer).  ln_*_split: a row whose width is not a power of two is two power-of-two column chunks
-# (768 = 512 + 256, 1152 = 1024 + 128) rather than one padded block (1024, 2048: a quarter and
-# nearly half of the lanes idle but still computing).  Measured on an H200 (bench_adaln.py
-# --sweep): register prefetching of the next tile raised the backward from 1.2-2.4 to 1.7-3.0
-# TB/s, and Triton's pipelining of the plain loop (ln_bwd_stages, through shared memory) matched
-# or beat it at every shape (up to 2.9 against 2.7 TB/s at 768, 1-2 warps), so it replaced it.
-# The split was measured 0.8x at 4 warps per row (2026-12-02), presumably from twice the
-# block-wide reductions through shared memory; at 1-2 warps a row reduces within its warps.
-# The defaults are the best of the sweep (2026-12-03: the backward at 74-81 % of the copy rate,
-# from 49-72 %).  Benchmarks may override entries of TUNE.
+# Launch configuration.  The LayerNorm programs loop over the rows of one sample (forward: with
+# programs_per_sm 0, one tile each), the loop pipelined by Triton (stages: tiles in flight, through
+# shared memory).  The backward keeps fp32 accumulators, so registers decide how many programs fit
+# on an SM.  programs_per_sm sets how many programs share the rows of one sample.  ln_*_split: a
+# row whose width is not a power of two is two power-of-two column chunks (768 = 512 + 256,
+# 1152 = 1024 + 128) rather than one padded block (1024, 2048: a quarter and nearly half of the
+# lanes idle but still computing).
+# Measured on an H200 (bench_adaln.py --sweep, 2026-12-03/04):
+# - backward: pipelining matched or beat register prefetching at every shape, and replaced it;
+#   the split wins at 1-2 warps per row (a row reduces within its warps; at 4 warps it was 0.8x).
+# - backward grid: the kernels hold 168-255 registers per thread (ptxas), 8-12 one-warp programs
+#   per SM.  A grid just over one wave of resident programs leaves a near-empty second wave:
+#   adaln at 1152 ran 2.5 TB/s with 1088 programs for 1056 slots, 3.3 with 832.  Best near 0.7-0.8
+#   of a wave for the one-warp plain kernel; the fused kernel (more registers: 2 warps) prefers
+#   a few waves.  Hence separate settings for the fused kernel.
+# - forward: looping over tiles with the modulation loaded once per program, 16 programs per SM,
+#   3 stages: 3.6-3.9 TB/s against 2.6-3.6 for a tile per program.
+# Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_split": 0,              # two power-of-two column chunks for a non-power-of-two C
     "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
-    "ln_fwd_warps": 4,
-    "ln_fwd_programs_per_sm": 0,    # 0: one tile per program, else a loop over tiles per program
-    "ln_fwd_stages": 1,             # tiles in flight in that loop
+    "ln_fwd_warps": 2,
+    "ln_fwd_programs_per_sm": 16,   # 0: one tile per program
+    "ln_fwd_stages": 3,
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
-    "ln_bwd_programs_per_sm": 16,
+    "ln_bwd_programs_per_sm": 6,
     "ln_bwd_warps": 1,              # 0: one warp per 256 columns, 4 to 16
-    "ln_bwd_stages": 3,             # tiles in flight in the backward loop (tl.range num_stages)
+    "ln_bwd_stages": 3,
+    "ln_bwd_fused_programs_per_sm": 10,  # the same two for gated_residual_adaln's backward
+    "ln_bwd_fused_warps": 2,
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
@@ -644,9 +649,10 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
     shift_tok, scale_tok = shift.dim() == 3, scale.dim() == 3
     gate_tok = residual and gate.dim() == 3
     block_a, block_b = _ln_blocks(C, TUNE["ln_bwd_split"])
-    warps = TUNE["ln_bwd_warps"] or max(4, min(16, (block_a + block_b) // 256))
+    kind = "ln_bwd_fused" if residual else "ln_bwd"
+    warps = TUNE[f"{kind}_warps"] or max(4, min(16, (block_a + block_b) // 256))
     rows = _rows_pow2(N, 32 * warps * TUNE["ln_bwd_elems_per_thread"], block_a + block_b)
-    S, rows_per_prog = _split(B, N, rows, dev, TUNE["ln_bwd_programs_per_sm"])
+    S, rows_per_prog = _split(B, N, rows, dev, TUNE[f"{kind}_programs_per_sm"])
     dummy = torch.empty((1,), device=dev, dtype=torch.float32)  # for pointers a constexpr disables
     # dx in the LayerNorm input's dtype; x_hat is only saved for an fp32 input (see _save_norm)
     dx = torch.empty((B, N, C), device=dev, dtype=torch.float32 if from_norm else x.dtype)

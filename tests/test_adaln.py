@@ -146,6 +146,7 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     # programs loop over several small tiles each (pipelined), the last one cut short by N.
     monkeypatch.setitem(K.TUNE, "ln_fwd_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
+    monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 0)
     if fwd_loop:
         monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 1)
         monkeypatch.setitem(K.TUNE, "ln_fwd_stages", 2)
