@@ -69,8 +69,9 @@ case "${1:-train}" in
   confirm)  # the AdaLN GPU tests; the AdaLN benchmark at the defaults; dae-b's step beside the yardstick
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"
-    timeout 200 python3 benchmarks/bench_adaln.py --out "$OUT" > "$OUT/adaln.log" 2>&1
-    grep -v "^  \[" "$OUT/adaln.log" | tail -28
+    timeout 240 python3 benchmarks/bench_adaln.py --shapes 256x256x768 64x1024x1152 1x256x768 --out "$OUT" \
+      > "$OUT/adaln.log" 2>&1
+    grep -v "^  \[" "$OUT/adaln.log" | tail -42
     timeout "$(left 590)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
       | tee "$OUT/train-b.log" ;;
   memory)
