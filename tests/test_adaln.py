@@ -159,6 +159,19 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
 
 
+@pytest.mark.parametrize("S", [1, 37])  # one partial; several 16-row loads with a masked tail
+def test_partial_sums_match_reference(S):
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(2, S, 300, generator=g).to(DEV) for _ in range(3)]
+    for num in (1, 3):
+        outs = K._sum_partials(parts[:num], [F32, BF16, F32][:num])
+        for p, o in zip(parts, outs):
+            ref = p.double().sum(1)
+            assert o.shape == (2, 300)
+            tol = 1e-6 * S if o.dtype == F32 else 2 ** -8
+            torch.testing.assert_close(o.double(), ref.to(o.dtype).double(), rtol=tol, atol=tol * S ** 0.5)
+
+
 @pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
 @pytest.mark.parametrize("out_dtype", [BF16, F16], ids=["h_bf16", "h_fp16"])
