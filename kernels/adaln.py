@@ -88,6 +88,24 @@ def _tile(ptr, rows, cols, sn, mask):
 
 
 @triton.jit
+def _row_stats(xa, xb, mask_a, mask_b, C, eps, TWO: tl.constexpr):
+    # LayerNorm statistics of rows held as one or (TWO) two column chunks: the centred chunks
+    # (xb, mask_b and the second result are placeholders without TWO) and 1/std per row.
+    total = tl.sum(xa, axis=1)
+    if TWO:
+        total += tl.sum(xb, axis=1)
+    mean = total / C
+    xca = tl.where(mask_a, xa - mean[:, None], 0.0)
+    var = tl.sum(xca * xca, axis=1)
+    xcb = xca
+    if TWO:
+        xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
+        var += tl.sum(xcb * xcb, axis=1)
+    rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+    return xca, xcb, rstd
+
+
+@triton.jit
 def _fwd_chunk_in(X, Y, GATE, R, rows, cols, mask, off, sxn, syn, sgn, gt,
                   RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
     # One column chunk of the LayerNorm input as fp32: x, or r = x + gate * y, which is written out.
@@ -162,19 +180,12 @@ def _adaln_fwd_kernel(
         mask_a = rmask[:, None] & cmask_a[None, :]
         off_a = rows[:, None] * C + cols_a[None, :]
         xa = _fwd_chunk_in(X, Y, GATE, R, rows, cols_a, mask_a, off_a, sxn, syn, sgn, gt_a, RESIDUAL, GATE_TOK)
-        total = tl.sum(xa, axis=1)
+        xb, mask_b = xa, mask_a  # placeholders for a one-chunk row
         if BLOCK_B > 0:
             mask_b = rmask[:, None] & cmask_b[None, :]
             off_b = rows[:, None] * C + cols_b[None, :]
             xb = _fwd_chunk_in(X, Y, GATE, R, rows, cols_b, mask_b, off_b, sxn, syn, sgn, gt_b, RESIDUAL, GATE_TOK)
-            total += tl.sum(xb, axis=1)
-        mean = total / C
-        xca = tl.where(mask_a, xa - mean[:, None], 0.0)
-        var = tl.sum(xca * xca, axis=1)
-        if BLOCK_B > 0:
-            xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
-            var += tl.sum(xcb * xcb, axis=1)
-        rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+        xca, xcb, rstd = _row_stats(xa, xb, mask_a, mask_b, C, eps, BLOCK_B > 0)
         _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_a, mask_a, off_a, xca, rstd, ssn, scn, sh_a, sc_a,
                        SHIFT_TOK, SCALE_TOK, SAVE_NORM)
         if BLOCK_B > 0:
@@ -302,6 +313,7 @@ def _adaln_bwd_kernel(
         xa, dha, wa, ya, dra, gta = _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols_a, mask_a,
                                                   sxn, shn, scn, syn, srn, sgn, sc_a, gt_a,
                                                   RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+        xb, mask_b = xa, mask_a  # placeholders for a one-chunk row
         if BLOCK_B > 0:
             mask_b = rmask[:, None] & cmask_b[None, :]
             off_b = rows[:, None] * C + cols_b[None, :]
@@ -314,16 +326,7 @@ def _adaln_bwd_kernel(
                 xhb = xb
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         else:
-            total = tl.sum(xa, axis=1)
-            if BLOCK_B > 0:
-                total += tl.sum(xb, axis=1)
-            mean = total / C
-            xca = tl.where(mask_a, xa - mean[:, None], 0.0)
-            var = tl.sum(xca * xca, axis=1)
-            if BLOCK_B > 0:
-                xcb = tl.where(mask_b, xb - mean[:, None], 0.0)
-                var += tl.sum(xcb * xcb, axis=1)
-            rstd = tl.rsqrt((var / C + eps).to(tl.float32))  # eps: fp64 under inductor
+            xca, xcb, rstd = _row_stats(xa, xb, mask_a, mask_b, C, eps, BLOCK_B > 0)
             xha = xca * rstd[:, None]
             if BLOCK_B > 0:
                 xhb = xcb * rstd[:, None]
