@@ -266,19 +266,20 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ln_bwd_fused", "ew")):
                ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
-        # a tile per program (programs_per_sm 0), or a pipelined loop over tiles per program
+        # the pipelined loop over tiles, per-sample modulation held in registers or reloaded per
+        # tile (reloading frees registers but stages the rows through shared memory)
         "ln_fwd": [{"ln_fwd_split": sp, "ln_fwd_tile": t, "ln_fwd_warps": w, "ln_fwd_programs_per_sm": p,
-                    "ln_fwd_stages": st}
-                   for sp in (0, 1)
-                   for t, w in ((2048, 1), (4096, 1), (2048, 2), (4096, 2), (4096, 4), (8192, 4), (8192, 8))
-                   for p, st in ((0, 1), (8, 2), (16, 2), (16, 3), (32, 2))],
-        # the grid (programs sharing a sample's rows) finely, at the warps that won before
-        "ln_bwd": [{"ln_bwd_split": sp, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
-                    "ln_bwd_warps": w, "ln_bwd_stages": 3}
-                   for sp, w in ((1, 1), (1, 2), (0, 4)) for p in (4, 6, 8, 10, 12, 16, 24)],
+                    "ln_fwd_stages": 3, "ln_fwd_reload_mod": rl}
+                   for rl in (0, 1) for sp in (0, 1)
+                   for t, w in ((4096, 1), (4096, 2), (8192, 4))
+                   for p in (8, 16)],
+        # the grid (programs sharing a sample's rows), one-warp rows split in two chunks
+        "ln_bwd": [{"ln_bwd_split": 1, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
+                    "ln_bwd_warps": w, "ln_bwd_stages": 3, "ln_bwd_reload_mod": rl}
+                   for rl in (0, 1) for w in (1, 2) for p in (4, 6, 8, 10, 12)],
         # the fused kernel's own grid and warps (split, tile and stages: the plain kernel's)
-        "ln_bwd_fused": [{"ln_bwd_fused_programs_per_sm": p, "ln_bwd_fused_warps": w}
-                         for w in (1, 2) for p in (4, 6, 8, 10, 12, 16, 24)],
+        "ln_bwd_fused": [{"ln_bwd_fused_programs_per_sm": p, "ln_bwd_fused_warps": w, "ln_bwd_fused_reload_mod": rl}
+                         for rl in (0, 1) for w in (1, 2) for p in (4, 6, 8, 10, 12)],
         "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
                 "ew_bwd_stages": st}
                for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))

@@ -74,12 +74,26 @@ def _load_mod(ptr, b, rows, cols, sb, sn, mask, cmask, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
-def _mod_row(ptr, cols, cmask, PER_TOKEN: tl.constexpr):
-    # A per-sample modulation row as fp32 (1, BLOCK), loaded once per program; zeros (unused: the
-    # tile loops load their own) where the modulation is per token.
-    if PER_TOKEN:
+def _mod_row(ptr, cols, cmask, SKIP: tl.constexpr):
+    # A per-sample modulation row as fp32 (1, BLOCK), loaded once per program; zeros (unused)
+    # with SKIP: per-token modulation, or rows that _mod loads for every tile.
+    if SKIP:
         return tl.zeros([1, cols.shape[0]], dtype=tl.float32)
     return tl.load(ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _mod(ptr, rows, cols, sn, mask, cmask, held, PER_TOKEN: tl.constexpr, RELOAD: tl.constexpr):
+    # One tile's modulation as fp32: per token a (ROWS, BLOCK) tile; per sample the row held in
+    # registers since the loop began, or with RELOAD the row loaded again for this tile.  Held
+    # rows pin registers for the whole loop (fewer resident programs); reloaded ones cost a
+    # cache hit each and, under the pipeliner, shared memory per stage.  TUNE chooses.
+    m = held
+    if PER_TOKEN:
+        m = _tile(ptr, rows, cols, sn, mask).to(tl.float32)
+    elif RELOAD:
+        m = tl.load(ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return m
 
 
 @triton.jit
@@ -106,15 +120,14 @@ def _row_stats(xa, xb, mask_a, mask_b, C, eps, TWO: tl.constexpr):
 
 
 @triton.jit
-def _fwd_chunk_in(X, Y, GATE, R, rows, cols, mask, off, sxn, syn, sgn, gt,
-                  RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr):
+def _fwd_chunk_in(X, Y, GATE, R, rows, cols, mask, cmask, off, sxn, syn, sgn, gt,
+                  RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, RELOAD: tl.constexpr):
     # One column chunk of the LayerNorm input as fp32: x, or r = x + gate * y, which is written out.
-    # gt: the per-sample gate row, replaced here when per token.
+    # gt: the held per-sample gate row (see _mod).
     xf = _tile(X, rows, cols, sxn, mask).to(tl.float32)
     if RESIDUAL:
         y = _tile(Y, rows, cols, syn, mask).to(tl.float32)
-        if GATE_TOK:
-            gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
+        gt = _mod(GATE, rows, cols, sgn, mask, cmask, gt, GATE_TOK, RELOAD)
         # Round r to its storage dtype before normalising it, as the unfused ops would.
         r = _cast(xf + gt * y, R.dtype.element_ty)
         tl.store(R + off, r, mask=mask)
@@ -123,13 +136,12 @@ def _fwd_chunk_in(X, Y, GATE, R, rows, cols, mask, off, sxn, syn, sgn, gt,
 
 
 @triton.jit
-def _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols, mask, off, xc, rstd, ssn, scn, sh, sc,
-                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr):
-    # sh, sc: the per-sample rows, replaced here when per token.
-    if SHIFT_TOK:
-        sh = _tile(SHIFT, rows, cols, ssn, mask).to(tl.float32)
-    if SCALE_TOK:
-        sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+def _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols, mask, cmask, off, xc, rstd, ssn, scn, sh, sc,
+                   SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr,
+                   RELOAD: tl.constexpr):
+    # sh, sc: the held per-sample rows (see _mod).
+    sh = _mod(SHIFT, rows, cols, ssn, mask, cmask, sh, SHIFT_TOK, RELOAD)
+    sc = _mod(SCALE, rows, cols, scn, mask, cmask, sc, SCALE_TOK, RELOAD)
     xhat = xc * rstd[:, None]
     tl.store(H + off, _cast(xhat * (1.0 + sc) + sh, H.dtype.element_ty), mask=mask)
     if SAVE_NORM:
@@ -143,7 +155,7 @@ def _adaln_fwd_kernel(
     sxb, sxn, syb, syn, sgb, sgn, ssb, ssn, scb, scn,
     RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
     SCALE_TOK: tl.constexpr, SAVE_NORM: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr, RELOAD_MOD: tl.constexpr,
 ):
     # grid (S, B): program s of sample b normalises rows [s * rows_per_prog, +rows_per_prog) in
     # tiles of ROWS full rows, loading the per-sample modulation once.  A row is one power-of-two
@@ -163,15 +175,15 @@ def _adaln_fwd_kernel(
         R += b * N * C
     cols_a = tl.arange(0, BLOCK_A)
     cmask_a = cols_a < C
-    sh_a = _mod_row(SHIFT, cols_a, cmask_a, SHIFT_TOK)
-    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK)
-    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or not RESIDUAL)
+    sh_a = _mod_row(SHIFT, cols_a, cmask_a, SHIFT_TOK or RELOAD_MOD)
+    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK or RELOAD_MOD)
+    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or RELOAD_MOD or not RESIDUAL)
     if BLOCK_B > 0:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         cmask_b = cols_b < C
-        sh_b = _mod_row(SHIFT, cols_b, cmask_b, SHIFT_TOK)
-        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK)
-        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or not RESIDUAL)
+        sh_b = _mod_row(SHIFT, cols_b, cmask_b, SHIFT_TOK or RELOAD_MOD)
+        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK or RELOAD_MOD)
+        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or RELOAD_MOD or not RESIDUAL)
     start = pid_s * rows_per_prog
     end = tl.minimum(start + rows_per_prog, N)
     for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
@@ -179,41 +191,51 @@ def _adaln_fwd_kernel(
         rmask = rows < end
         mask_a = rmask[:, None] & cmask_a[None, :]
         off_a = rows[:, None] * C + cols_a[None, :]
-        xa = _fwd_chunk_in(X, Y, GATE, R, rows, cols_a, mask_a, off_a, sxn, syn, sgn, gt_a, RESIDUAL, GATE_TOK)
+        xa = _fwd_chunk_in(X, Y, GATE, R, rows, cols_a, mask_a, cmask_a, off_a, sxn, syn, sgn, gt_a,
+                           RESIDUAL, GATE_TOK, RELOAD_MOD)
         xb, mask_b = xa, mask_a  # placeholders for a one-chunk row
         if BLOCK_B > 0:
             mask_b = rmask[:, None] & cmask_b[None, :]
             off_b = rows[:, None] * C + cols_b[None, :]
-            xb = _fwd_chunk_in(X, Y, GATE, R, rows, cols_b, mask_b, off_b, sxn, syn, sgn, gt_b, RESIDUAL, GATE_TOK)
+            xb = _fwd_chunk_in(X, Y, GATE, R, rows, cols_b, mask_b, cmask_b, off_b, sxn, syn, sgn, gt_b,
+                               RESIDUAL, GATE_TOK, RELOAD_MOD)
         xca, xcb, rstd = _row_stats(xa, xb, mask_a, mask_b, C, eps, BLOCK_B > 0)
-        _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_a, mask_a, off_a, xca, rstd, ssn, scn, sh_a, sc_a,
-                       SHIFT_TOK, SCALE_TOK, SAVE_NORM)
+        _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_a, mask_a, cmask_a, off_a, xca, rstd, ssn, scn,
+                       sh_a, sc_a, SHIFT_TOK, SCALE_TOK, SAVE_NORM, RELOAD_MOD)
         if BLOCK_B > 0:
-            _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_b, mask_b, off_b, xcb, rstd, ssn, scn, sh_b, sc_b,
-                           SHIFT_TOK, SCALE_TOK, SAVE_NORM)
+            _fwd_chunk_out(H, XHAT, SHIFT, SCALE, rows, cols_b, mask_b, cmask_b, off_b, xcb, rstd, ssn, scn,
+                           sh_b, sc_b, SHIFT_TOK, SCALE_TOK, SAVE_NORM, RELOAD_MOD)
         if SAVE_NORM:
             tl.store(RSTD + rows, rstd, mask=rmask)
 
 
 @triton.jit
-def _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols, mask, sxn, shn, scn, syn, srn, sgn, sc, gt,
-                  RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr, SCALE_TOK: tl.constexpr):
-    # Every load of one column chunk of a tile, issued before the tile's first reduction: one
-    # memory round trip per tile.  sc, gt: the per-sample rows, replaced here when per token.
-    # Returns (x, dh, dh * (1 + scale), y, dr, gate) as fp32; y and dr are dh where absent.
+def _bwd_chunk_in(X, DH, SCALE, rows, cols, mask, cmask, sxn, shn, scn, sc,
+                  SCALE_TOK: tl.constexpr, RELOAD: tl.constexpr):
+    # The loads of one column chunk that the row reductions need, as fp32: (x, dh, 1 + scale).
+    # sc: the held per-sample scale row (see _mod).
     x = _tile(X, rows, cols, sxn, mask).to(tl.float32)
     dh = _tile(DH, rows, cols, shn, mask).to(tl.float32)
-    if SCALE_TOK:
-        sc = _tile(SCALE, rows, cols, scn, mask).to(tl.float32)
+    sc = _mod(SCALE, rows, cols, scn, mask, cmask, sc, SCALE_TOK, RELOAD)
+    return x, dh, 1.0 + sc
+
+
+@triton.jit
+def _bwd_chunk_res_in(Y, DR, GATE, rows, cols, mask, cmask, syn, srn, sgn, dh, gt,
+                      RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
+                      RELOAD: tl.constexpr):
+    # The residual's loads of one chunk, issued after the row reductions so that they are not
+    # held in registers across them (under the pipeliner they come from shared memory anyway;
+    # ptxas: the fused kernel at 1152 columns and one warp spilled 376 bytes, now 168):
+    # (y, dr, gate) as fp32, dh as placeholders where absent.  gt: the held per-sample row.
     y = dh
     dr = dh
     if RESIDUAL:
         y = _tile(Y, rows, cols, syn, mask).to(tl.float32)
         if HAS_DR:
             dr = _tile(DR, rows, cols, srn, mask).to(tl.float32)
-        if GATE_TOK:
-            gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
-    return x, dh, dh * (1.0 + sc), y, dr, gt
+        gt = _mod(GATE, rows, cols, sgn, mask, cmask, gt, GATE_TOK, RELOAD)
+    return y, dr, gt
 
 
 @triton.jit
@@ -265,6 +287,7 @@ def _adaln_bwd_kernel(
     RESIDUAL: tl.constexpr, HAS_DR: tl.constexpr, GATE_TOK: tl.constexpr,
     SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr, FROM_NORM: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, STAGES: tl.constexpr,
+    RELOAD_MOD: tl.constexpr,
 ):
     # grid (S, B): program (s, b) walks rows [s * rows_per_prog, (s + 1) * rows_per_prog) of
     # sample b in tiles of ROWS, each row in one or two column chunks as the forward.  X is the
@@ -289,17 +312,16 @@ def _adaln_bwd_kernel(
         DGATE += b * N * C
     cols_a = tl.arange(0, BLOCK_A)
     cmask_a = cols_a < C
-    # per-sample modulation rows, loaded once (placeholders where per token)
-    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK)
-    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or not RESIDUAL)
+    sc_a = _mod_row(SCALE, cols_a, cmask_a, SCALE_TOK or RELOAD_MOD)
+    gt_a = _mod_row(GATE, cols_a, cmask_a, GATE_TOK or RELOAD_MOD or not RESIDUAL)
     acc_shift_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     acc_scale_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     acc_gate_a = tl.zeros([ROWS, BLOCK_A], dtype=tl.float32)
     if BLOCK_B > 0:
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         cmask_b = cols_b < C
-        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK)
-        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or not RESIDUAL)
+        sc_b = _mod_row(SCALE, cols_b, cmask_b, SCALE_TOK or RELOAD_MOD)
+        gt_b = _mod_row(GATE, cols_b, cmask_b, GATE_TOK or RELOAD_MOD or not RESIDUAL)
         acc_shift_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
         acc_scale_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
         acc_gate_b = tl.zeros([ROWS, BLOCK_B], dtype=tl.float32)
@@ -310,16 +332,14 @@ def _adaln_bwd_kernel(
         rmask = rows < N
         mask_a = rmask[:, None] & cmask_a[None, :]
         off_a = rows[:, None] * C + cols_a[None, :]
-        xa, dha, wa, ya, dra, gta = _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols_a, mask_a,
-                                                  sxn, shn, scn, syn, srn, sgn, sc_a, gt_a,
-                                                  RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+        xa, dha, s1a = _bwd_chunk_in(X, DH, SCALE, rows, cols_a, mask_a, cmask_a, sxn, shn, scn, sc_a,
+                                     SCALE_TOK, RELOAD_MOD)
         xb, mask_b = xa, mask_a  # placeholders for a one-chunk row
         if BLOCK_B > 0:
             mask_b = rmask[:, None] & cmask_b[None, :]
             off_b = rows[:, None] * C + cols_b[None, :]
-            xb, dhb, wb, yb, drb, gtb = _bwd_chunk_in(X, DH, SCALE, Y, DR, GATE, rows, cols_b, mask_b,
-                                                      sxn, shn, scn, syn, srn, sgn, sc_b, gt_b,
-                                                      RESIDUAL, HAS_DR, GATE_TOK, SCALE_TOK)
+            xb, dhb, s1b = _bwd_chunk_in(X, DH, SCALE, rows, cols_b, mask_b, cmask_b, sxn, shn, scn, sc_b,
+                                         SCALE_TOK, RELOAD_MOD)
         if FROM_NORM:
             xha = xa
             if BLOCK_B > 0:
@@ -330,17 +350,23 @@ def _adaln_bwd_kernel(
             xha = xca * rstd[:, None]
             if BLOCK_B > 0:
                 xhb = xcb * rstd[:, None]
+        wa = dha * s1a
         c1 = tl.sum(xha * wa, axis=1)
         c2 = tl.sum(wa, axis=1)
         if BLOCK_B > 0:
+            wb = dhb * s1b
             c1 += tl.sum(xhb * wb, axis=1)
             c2 += tl.sum(wb, axis=1)
         c1 = c1 / C
         c2 = c2 / C
+        ya, dra, gta = _bwd_chunk_res_in(Y, DR, GATE, rows, cols_a, mask_a, cmask_a, syn, srn, sgn, dha,
+                                         gt_a, RESIDUAL, HAS_DR, GATE_TOK, RELOAD_MOD)
         acc_shift_a, acc_scale_a, acc_gate_a = _bwd_chunk_out(
             DX, DY, DGATE, DSCALE, off_a, mask_a, xha, dha, wa, ya, dra, gta, c1, c2, rstd,
             acc_shift_a, acc_scale_a, acc_gate_a, RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
         if BLOCK_B > 0:
+            yb, drb, gtb = _bwd_chunk_res_in(Y, DR, GATE, rows, cols_b, mask_b, cmask_b, syn, srn, sgn, dhb,
+                                             gt_b, RESIDUAL, HAS_DR, GATE_TOK, RELOAD_MOD)
             acc_shift_b, acc_scale_b, acc_gate_b = _bwd_chunk_out(
                 DX, DY, DGATE, DSCALE, off_b, mask_b, xhb, dhb, wb, yb, drb, gtb, c1, c2, rstd,
                 acc_shift_b, acc_scale_b, acc_gate_b, RESIDUAL, HAS_DR, GATE_TOK, SHIFT_TOK, SCALE_TOK)
@@ -474,13 +500,16 @@ TUNE: dict[str, int] = {
     "ln_fwd_programs_per_sm": 16,   # 0: one tile per program
     "ln_fwd_stages": 3,
     "ln_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
+    "ln_fwd_reload_mod": 0,         # per-sample modulation loaded per tile (1) or held (0; see _mod)
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 6,
     "ln_bwd_warps": 1,              # 0: one warp per 256 columns, 4 to 16
     "ln_bwd_stages": 3,
+    "ln_bwd_reload_mod": 1,
     "ln_bwd_fused_programs_per_sm": 10,  # the same two for gated_residual_adaln's backward
     "ln_bwd_fused_warps": 2,
+    "ln_bwd_fused_reload_mod": 1,
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
     "ew_bwd_tile": 1024,
@@ -641,7 +670,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
         SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        STAGES=TUNE["ln_fwd_stages"], num_warps=warps,
+        STAGES=TUNE["ln_fwd_stages"], RELOAD_MOD=bool(TUNE["ln_fwd_reload_mod"]), num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 
@@ -693,8 +722,7 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
         *_strides(x), *_strides(y), *_strides(gate), *_strides(scale), *_strides(dr), *_strides(dh),
         RESIDUAL=residual, HAS_DR=has_dr, GATE_TOK=gate_tok, SHIFT_TOK=shift_tok,
         SCALE_TOK=scale_tok, FROM_NORM=from_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        STAGES=TUNE["ln_bwd_stages"],
-        num_warps=warps,
+        STAGES=TUNE["ln_bwd_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
     )
     partials, dtypes = [], []
     for p, m, per_token in ((pshift, shift, shift_tok), (dscale_or_p, scale, scale_tok),

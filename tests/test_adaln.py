@@ -144,6 +144,10 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     # Both row layouts of the LayerNorm kernels, whichever the defaults pick; the fp32 stream into
     # bf16 output exercises the backward from the saved x_hat as well.  tile_loop: the forward
     # programs loop over several small tiles each (pipelined), the last one cut short by N.
+    # Per-sample modulation rows are held in registers in one case and reloaded per tile in the
+    # other (kernels.adaln._mod), the backward's the other way round: all four paths run.
+    for key in ("ln_fwd_reload_mod", "ln_bwd_reload_mod", "ln_bwd_fused_reload_mod"):
+        monkeypatch.setitem(K.TUNE, key, int(fwd_loop == (key == "ln_fwd_reload_mod")))
     monkeypatch.setitem(K.TUNE, "ln_fwd_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
     monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 0)
