@@ -246,7 +246,7 @@ def training_mode(B, N, C):
     return rows
 
 
-def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ln_bwd_fused", "ew")):
+def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew")):
     """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
     x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
     spec = op_specs(B, N, C)
@@ -255,9 +255,9 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ln_bwd_fused", "ew")):
     lib, eps = torch.ops.diffae_triton, 1e-6
     r = lib.gated_residual_adaln(x, gate, y, shift, scale, eps)[0]
     kernels = {
-        "ln_fwd": [("adaln", lambda: lib.adaln_modulate(x, shift, scale, eps), spec["adaln_modulate"][1]),
-                   ("fused", lambda: lib.gated_residual_adaln(x, gate, y, shift, scale, eps),
-                    spec["gated_residual_adaln"][1])],
+        "ln_fwd": [("adaln", lambda: lib.adaln_modulate(x, shift, scale, eps), spec["adaln_modulate"][1])],
+        "ln_fwd_fused": [("fused", lambda: lib.gated_residual_adaln(x, gate, y, shift, scale, eps),
+                          spec["gated_residual_adaln"][1])],
         "ln_bwd": [("adaln", lambda: lib.adaln_modulate_backward(x, shift, scale, g1, eps),
                     spec["adaln_modulate"][2])],
         "ln_bwd_fused": [("fused", lambda: lib.gated_residual_adaln_backward(r, gate, y, shift, scale, g1, g2, eps),
@@ -268,11 +268,11 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_bwd", "ln_bwd_fused", "ew")):
     grids = {
         # the pipelined loop over tiles, per-sample modulation held in registers or reloaded per
         # tile (reloading frees registers but stages the rows through shared memory)
-        "ln_fwd": [{"ln_fwd_split": sp, "ln_fwd_tile": t, "ln_fwd_warps": w, "ln_fwd_programs_per_sm": p,
-                    "ln_fwd_stages": 3, "ln_fwd_reload_mod": rl}
-                   for rl in (0, 1) for sp in (0, 1)
-                   for t, w in ((4096, 1), (4096, 2), (8192, 4))
-                   for p in (8, 16)],
+        **{g: [{f"{g}_split": sp, f"{g}_tile": t, f"{g}_warps": w, "ln_fwd_programs_per_sm": p,
+                "ln_fwd_stages": 3, f"{g}_reload_mod": rl}
+               for rl in (0, 1) for sp in (0, 1)
+               for t, w in ((4096, 1), (4096, 2), (8192, 4))
+               for p in (8, 16)] for g in ("ln_fwd", "ln_fwd_fused")},
         # the grid (programs sharing a sample's rows), one-warp rows split in two chunks
         "ln_bwd": [{"ln_bwd_split": 1, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
                     "ln_bwd_warps": w, "ln_bwd_stages": 3, "ln_bwd_reload_mod": rl}
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
-    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_bwd", "ln_bwd_fused", "ew"], help="with --sweep: kernel groups")
+    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew"], help="with --sweep: kernel groups")
     ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
     ap.add_argument("--apply-best", action="store_true", help="with --sweep: benchmark the best configuration")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)

@@ -64,19 +64,19 @@ case "${1:-train}" in
   tune)  # the AdaLN tests on the GPU (the whole file), then the LayerNorm launch sweep alone
     timeout 200 python3 -m pytest tests/test_adaln.py -o addopts="" -p no:cacheprovider -q -x > "$OUT/test_adaln.log" 2>&1
     tail -8 "$OUT/test_adaln.log"
-    timeout "$(left 575)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_bwd --no-bench --out "$OUT" \
+    timeout "$(left 575)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_fwd_fused ln_bwd --no-bench --out "$OUT" \
       > "$OUT/adaln-sweep.log" 2>&1
     grep -v "^  \[" "$OUT/adaln-sweep.log" | tail -40 ;;
   reload)  # the AdaLN GPU tests, then the LayerNorm sweep: per-sample modulation held or reloaded per tile
     timeout 120 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln-gpu.log" 2>&1; tail -4 "$OUT/test_adaln-gpu.log"
-    timeout "$(left 580)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_bwd ln_bwd_fused --no-bench \
+    timeout "$(left 580)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_fwd_fused ln_bwd ln_bwd_fused --no-bench \
       --out "$OUT" > "$OUT/adaln-sweep.log" 2>&1
     grep -v "^  \[" "$OUT/adaln-sweep.log" | tail -40 ;;
   confirm)  # the AdaLN GPU tests; the AdaLN benchmark at the defaults; dae-b's step beside the yardstick
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"
-    timeout 240 python3 benchmarks/bench_adaln.py --shapes 256x256x768 64x1024x1152 1x256x768 --out "$OUT" \
+    timeout 270 python3 benchmarks/bench_adaln.py --shapes 256x256x768 64x1024x1152 1x256x768 64x256x768 --out "$OUT" \
       > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -42
     timeout "$(left 590)" python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \

@@ -492,23 +492,34 @@ def _sum_partials_kernel(
 #   a few waves.  Hence separate settings for the fused kernel.
 # - forward: looping over tiles with the modulation loaded once per program, 16 programs per SM,
 #   3 stages: 3.6-3.9 TB/s against 2.6-3.6 for a tile per program.
+# 2026-12-04 (per-sample modulation held in registers across the loop or reloaded per tile):
+# - adaln_modulate's forward at 2 chunks, 8192-element tiles over 4 warps, modulation reloaded:
+#   3.80 / 3.78 TB/s at 768 / 1152 columns, against 3.69 / 3.60 at the fused forward's settings,
+#   which stay best for the fused one (3.85 / 3.89): hence separate forward settings.
+# - the fused backward, its residual loads moved after the reductions: one warp, 6 programs/SM,
+#   modulation reloaded, 3.63 / 3.65 TB/s against 3.57 / 3.29 (2 warps, 10/SM, held); the plain
+#   backward holds it (3.65 / 3.58 against 3.65 / 3.44).
 # Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
-    "ln_fwd_split": 0,              # two power-of-two column chunks for a non-power-of-two C
-    "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
-    "ln_fwd_warps": 2,
-    "ln_fwd_programs_per_sm": 16,   # 0: one tile per program
+    "ln_fwd_split": 1,              # two power-of-two column chunks for a non-power-of-two C
+    "ln_fwd_tile": 8192,            # elements per forward tile (ROWS * columns)
+    "ln_fwd_warps": 4,
+    "ln_fwd_reload_mod": 1,         # per-sample modulation loaded per tile (1) or held (0; see _mod)
+    "ln_fwd_fused_split": 0,        # the same four for gated_residual_adaln's forward
+    "ln_fwd_fused_tile": 4096,
+    "ln_fwd_fused_warps": 2,
+    "ln_fwd_fused_reload_mod": 0,
+    "ln_fwd_programs_per_sm": 16,   # both forwards; 0: one tile per program
     "ln_fwd_stages": 3,
     "ln_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
-    "ln_fwd_reload_mod": 0,         # per-sample modulation loaded per tile (1) or held (0; see _mod)
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
     "ln_bwd_programs_per_sm": 6,
     "ln_bwd_warps": 1,              # 0: one warp per 256 columns, 4 to 16
     "ln_bwd_stages": 3,
-    "ln_bwd_reload_mod": 1,
-    "ln_bwd_fused_programs_per_sm": 10,  # the same two for gated_residual_adaln's backward
-    "ln_bwd_fused_warps": 2,
+    "ln_bwd_reload_mod": 0,
+    "ln_bwd_fused_programs_per_sm": 6,  # the same three for gated_residual_adaln's backward
+    "ln_bwd_fused_warps": 1,
     "ln_bwd_fused_reload_mod": 1,
     "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
@@ -656,12 +667,14 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     else:  # placeholders, never touched (RESIDUAL is a constexpr); not x, which the op must not
         gate = y = r = torch.empty((1,), device=x.device, dtype=x.dtype)  # appear to write
-    block_a, block_b = _ln_blocks(C, TUNE["ln_fwd_split"])
-    rows = _rows_pow2(N, TUNE["ln_fwd_tile"], block_a + block_b)
+    kind = "ln_fwd_fused" if residual else "ln_fwd"
+    block_a, block_b = _ln_blocks(C, TUNE[f"{kind}_split"])
+    tile = TUNE[f"{kind}_tile"]
+    rows = _rows_pow2(N, tile, block_a + block_b)
     # A small problem (sampling at batch 1: 256 rows) takes smaller tiles rather than leave SMs idle.
     while rows > 1 and B * _cdiv(N, rows) < TUNE["ln_fwd_min_programs_per_sm"] * _sm_count(x.device):
         rows //= 2
-    warps = TUNE["ln_fwd_warps"] if rows * (block_a + block_b) <= TUNE["ln_fwd_tile"] else 8
+    warps = TUNE[f"{kind}_warps"] if rows * (block_a + block_b) <= tile else 8
     per_sm = TUNE["ln_fwd_programs_per_sm"]
     S, rows_per_prog = _split(B, N, rows, x.device, per_sm) if per_sm else (_cdiv(N, rows), rows)
     wrap_triton(_adaln_fwd_kernel)[(S, B)](
@@ -670,7 +683,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
         SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        STAGES=TUNE["ln_fwd_stages"], RELOAD_MOD=bool(TUNE["ln_fwd_reload_mod"]), num_warps=warps,
+        STAGES=TUNE["ln_fwd_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 

@@ -146,15 +146,17 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     # programs loop over several small tiles each (pipelined), the last one cut short by N.
     # Per-sample modulation rows are held in registers in one case and reloaded per tile in the
     # other (kernels.adaln._mod), the backward's the other way round: all four paths run.
-    for key in ("ln_fwd_reload_mod", "ln_bwd_reload_mod", "ln_bwd_fused_reload_mod"):
-        monkeypatch.setitem(K.TUNE, key, int(fwd_loop == (key == "ln_fwd_reload_mod")))
-    monkeypatch.setitem(K.TUNE, "ln_fwd_split", split)
+    fwd = "ln_fwd_fused" if op == "gated_residual_adaln" else "ln_fwd"
+    monkeypatch.setitem(K.TUNE, f"{fwd}_reload_mod", int(fwd_loop))
+    monkeypatch.setitem(K.TUNE, "ln_bwd_reload_mod", int(not fwd_loop))
+    monkeypatch.setitem(K.TUNE, "ln_bwd_fused_reload_mod", int(not fwd_loop))
+    monkeypatch.setitem(K.TUNE, f"{fwd}_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
     monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 0)
     if fwd_loop:
         monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 1)
         monkeypatch.setitem(K.TUNE, "ln_fwd_stages", 2)
-        monkeypatch.setitem(K.TUNE, "ln_fwd_tile", 512)
+        monkeypatch.setitem(K.TUNE, f"{fwd}_tile", 512)
         rows = K._rows_pow2(33, 512, sum(K._ln_blocks(C, split)))
         S, per_prog = K._split(2, 33, rows, torch.device("cpu"), 1)
         assert per_prog >= 2 * rows and S * per_prog > 33  # several tiles each, a partial tail
