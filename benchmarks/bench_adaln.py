@@ -246,7 +246,7 @@ def training_mode(B, N, C):
     return rows
 
 
-def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew")):
+def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew_fwd", "ew_bwd")):
     """Time each kernel alone under several launch configurations (GB/s, minimal bytes)."""
     x, y, shift, scale, gate, (g1, g2) = make(B, N, C)
     spec = op_specs(B, N, C)
@@ -262,8 +262,8 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
                     spec["adaln_modulate"][2])],
         "ln_bwd_fused": [("fused", lambda: lib.gated_residual_adaln_backward(r, gate, y, shift, scale, g1, g2, eps),
                           spec["gated_residual_adaln"][2])],
-        "ew": [("gres_fwd", lambda: lib.gated_residual(x, gate, y), spec["gated_residual"][1]),
-               ("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
+        "ew_fwd": [("gres_fwd", lambda: lib.gated_residual(x, gate, y), spec["gated_residual"][1])],
+        "ew_bwd": [("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
         # the pipelined loop over tiles, per-sample modulation held in registers or reloaded per
@@ -280,10 +280,15 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
         # the fused kernel's own grid and warps (split, tile and stages: the plain kernel's)
         "ln_bwd_fused": [{"ln_bwd_fused_programs_per_sm": p, "ln_bwd_fused_warps": w, "ln_bwd_fused_reload_mod": rl}
                          for rl in (0, 1) for w in (1, 2) for p in (4, 6, 8, 10, 12)],
-        "ew": [{"ew_block_c": bc, "ew_fwd_tile": t, "ew_bwd_tile": bt, "ew_warps": w, "ew_bwd_programs_per_sm": p,
-                "ew_bwd_stages": st}
-               for bc, t, bt, w in ((256, 4096, 1024, 4), (256, 8192, 2048, 8), (512, 8192, 2048, 8))
-               for p in (8, 16) for st in (1, 3)],
+        "ew_fwd": [{"ew_fwd_block_c": bc, "ew_fwd_tile": t, "ew_fwd_warps": w, "ew_fwd_evict_first": ev}
+                   for bc, t, w in ((256, 4096, 4), (256, 8192, 8), (512, 8192, 8), (1024, 8192, 8))
+                   for ev in (0, 1)],
+        # programs_per_sm 4 puts one program on each (sample, column tile) of the (256, 256, 768)
+        # backward: S = 1, the sums written directly, no sum pass
+        "ew_bwd": [{"ew_bwd_block_c": bc, "ew_bwd_tile": t, "ew_bwd_warps": w, "ew_bwd_programs_per_sm": p,
+                    "ew_bwd_stages": st}
+                   for bc, t, w in ((256, 1024, 4), (256, 2048, 8), (512, 2048, 8))
+                   for p in (4, 8, 16) for st in (1, 3)],
     }
     default = dict(K.TUNE)
     out = []
@@ -293,8 +298,6 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
         for cfg in cfgs:
             K.TUNE.update(cfg)
             for label, fn, nbytes in kernels[group]:
-                if label == "gres_fwd" and (cfg["ew_bwd_programs_per_sm"] != 8 or cfg["ew_bwd_stages"] != 1):
-                    continue  # the forward has no split
                 ms = bench(fn, rep=30, warmup=10, graph=True)
                 out.append({"shape": [B, N, C], "group": group, "kernel": label, "config": cfg, "ms": ms,
                             "gbps": gbps(nbytes, ms)})
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC, bf16")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
-    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew"], help="with --sweep: kernel groups")
+    ap.add_argument("--groups", nargs="+", default=["ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "ew_fwd", "ew_bwd"], help="with --sweep: kernel groups")
     ap.add_argument("--no-bench", action="store_true", help="with --sweep: skip the main benchmark")
     ap.add_argument("--apply-best", action="store_true", help="with --sweep: benchmark the best configuration")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)

@@ -270,12 +270,13 @@ def _bwd_chunk_out(DX, DY, DGATE, DSCALE, off, mask, xhat, dh, wdh, y, dr, gt, c
 def _store_partials(PSHIFT, PSCALE, PGATE, part, cmask, acc_shift, acc_scale, acc_gate,
                     RESIDUAL: tl.constexpr, GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr,
                     SCALE_TOK: tl.constexpr):
+    # fp32 partial buffers, or with one program per sample (S = 1) the gradients themselves
     if not SHIFT_TOK:
-        tl.store(PSHIFT + part, tl.sum(acc_shift, axis=0), mask=cmask)
+        tl.store(PSHIFT + part, _cast(tl.sum(acc_shift, axis=0), PSHIFT.dtype.element_ty), mask=cmask)
     if not SCALE_TOK:
-        tl.store(PSCALE + part, tl.sum(acc_scale, axis=0), mask=cmask)
+        tl.store(PSCALE + part, _cast(tl.sum(acc_scale, axis=0), PSCALE.dtype.element_ty), mask=cmask)
     if RESIDUAL and not GATE_TOK:
-        tl.store(PGATE + part, tl.sum(acc_gate, axis=0), mask=cmask)
+        tl.store(PGATE + part, _cast(tl.sum(acc_gate, axis=0), PGATE.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -382,17 +383,24 @@ def _adaln_bwd_kernel(
 def _gres_fwd_kernel(
     X, Y, GATE, R, N, C,
     sxb, sxn, syb, syn, sgb, sgn,
-    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):
     # grid (cdiv(N, ROWS), cdiv(C, BLOCK_C), B): elementwise, so columns are tiled too and
-    # non-power-of-two C wastes at most part of one column tile.
+    # non-power-of-two C wastes at most part of one column tile.  EVICT_FIRST: x and y are read
+    # once, so they may leave L2 first (a cache hint; TUNE decides by measurement).
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < N)[:, None] & cmask[None, :]
-    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-    y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+    xp = X + b * sxb + rows[:, None] * sxn + cols[None, :]
+    yp = Y + b * syb + rows[:, None] * syn + cols[None, :]
+    if EVICT_FIRST:
+        x = tl.load(xp, mask=mask, other=0.0, eviction_policy="evict_first")
+        y = tl.load(yp, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        x = tl.load(xp, mask=mask, other=0.0)
+        y = tl.load(yp, mask=mask, other=0.0)
     g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
     r = x.to(tl.float32) + g * y.to(tl.float32)
     tl.store(R + b * N * C + rows[:, None] * C + cols[None, :], _cast(r, R.dtype.element_ty), mask=mask)
@@ -435,8 +443,8 @@ def _gres_bwd_kernel(
             tl.store(DGATE + out_off, _cast(dr * y, DGATE.dtype.element_ty), mask=mask)
         else:
             acc += dr * y
-    if not GATE_TOK:
-        tl.store(PGATE + (b * S + pid_s) * C + cols, tl.sum(acc, axis=0), mask=cmask)
+    if not GATE_TOK:  # fp32 partials, or with S = 1 dgate itself
+        tl.store(PGATE + (b * S + pid_s) * C + cols, _cast(tl.sum(acc, axis=0), PGATE.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -521,10 +529,13 @@ TUNE: dict[str, int] = {
     "ln_bwd_fused_programs_per_sm": 6,  # the same three for gated_residual_adaln's backward
     "ln_bwd_fused_warps": 1,
     "ln_bwd_fused_reload_mod": 1,
-    "ew_block_c": 256,              # column tile of the elementwise gated-residual kernels
+    "ew_fwd_block_c": 256,          # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 4096,
+    "ew_fwd_warps": 4,
+    "ew_fwd_evict_first": 0,
+    "ew_bwd_block_c": 256,
     "ew_bwd_tile": 1024,
-    "ew_warps": 4,
+    "ew_bwd_warps": 4,
     "ew_bwd_programs_per_sm": 8,
     "ew_bwd_stages": 1,
 }
@@ -715,7 +726,8 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
     def buf(per_token, like):  # per-token output in like's dtype, or fp32 per-program partial sums
         if per_token:
             return torch.empty((B, N, C), device=dev, dtype=like.dtype)
-        return torch.empty((B, S, C), device=dev, dtype=torch.float32)
+        # one program per sample: its sums are the gradient, written in like's dtype, no sum pass
+        return torch.empty((B, S, C), device=dev, dtype=like.dtype if S == 1 else torch.float32)
 
     dscale_or_p = buf(scale_tok, scale)
     pshift = dummy if shift_tok else buf(False, shift)
@@ -743,7 +755,10 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
         if not per_token:
             partials.append(p)
             dtypes.append(m.dtype)
-    sums = iter(_sum_partials(partials, dtypes)) if partials else iter(())
+    if S == 1:
+        sums = iter([p.view(B, C) for p in partials])
+    else:
+        sums = iter(_sum_partials(partials, dtypes)) if partials else iter(())
     dshift = torch.empty((0,), device=dev, dtype=shift.dtype) if shift_tok else next(sums)
     dscale = dscale_or_p if scale_tok else next(sums)
     if not residual:
@@ -752,19 +767,20 @@ def adaln_backward(x, shift, scale, dh, eps, gate=None, y=None, dr=None, rstd=No
     return dx, dscale, dshift, dgate, dy
 
 
-def _ew_config(N: int, C: int, tile: int) -> tuple[int, int, int]:
-    block_c = min(_pow2(C), TUNE["ew_block_c"])
-    return block_c, _rows_pow2(N, tile, block_c), TUNE["ew_warps"]
+def _ew_config(N: int, C: int, pass_: str) -> tuple[int, int, int]:
+    block_c = min(_pow2(C), TUNE[f"ew_{pass_}_block_c"])
+    return block_c, _rows_pow2(N, TUNE[f"ew_{pass_}_tile"], block_c), TUNE[f"ew_{pass_}_warps"]
 
 
 def gated_residual_forward(x, gate, y):
     B, N, C = x.shape
     x, gate, y = _rowmajor(x), _rowmajor(gate), _rowmajor(y)
     r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
-    block_c, rows, warps = _ew_config(N, C, TUNE["ew_fwd_tile"])
+    block_c, rows, warps = _ew_config(N, C, "fwd")
     wrap_triton(_gres_fwd_kernel)[(_cdiv(N, rows), _cdiv(C, block_c), B)](
         x, y, gate, r, N, C, *_strides(x), *_strides(y), *_strides(gate),
-        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
+        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, EVICT_FIRST=bool(TUNE["ew_fwd_evict_first"]),
+        num_warps=warps,
     )
     return r
 
@@ -775,14 +791,14 @@ def gated_residual_backward(gate, y, dr):
     dev = y.device
     gate, y, dr = _rowmajor(gate), _rowmajor(y), _rowmajor(dr)
     gate_tok = gate.dim() == 3
-    block_c, rows, warps = _ew_config(N, C, TUNE["ew_bwd_tile"])
+    block_c, rows, warps = _ew_config(N, C, "bwd")
     col_tiles = _cdiv(C, block_c)
     S, rows_per_prog = _split(B, N, rows, dev, TUNE["ew_bwd_programs_per_sm"], col_tiles)
     dy = torch.empty((B, N, C), device=dev, dtype=y.dtype)
     if gate_tok:
         dgate = pgate = torch.empty((B, N, C), device=dev, dtype=gate.dtype)
-    else:
-        pgate = torch.empty((B, S, C), device=dev, dtype=torch.float32)
+    else:  # fp32 partial sums, or with S = 1 dgate itself (no sum pass)
+        pgate = torch.empty((B, S, C), device=dev, dtype=gate.dtype if S == 1 else torch.float32)
         dgate = pgate
     wrap_triton(_gres_bwd_kernel)[(S, col_tiles, B)](
         y, gate, dr, dy, dgate, pgate,
@@ -790,7 +806,9 @@ def gated_residual_backward(gate, y, dr):
         *_strides(y), *_strides(gate), *_strides(dr),
         GATE_TOK=gate_tok, ROWS=rows, BLOCK_C=block_c, STAGES=TUNE["ew_bwd_stages"], num_warps=warps,
     )
-    return dy, (dgate if gate_tok else _sum_partials([pgate], [gate.dtype])[0])
+    if gate_tok:
+        return dy, dgate
+    return dy, (pgate.view(B, C) if S == 1 else _sum_partials([pgate], [gate.dtype])[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,6 +165,24 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_one_program_per_sample_writes_gradients_directly(monkeypatch, op):
+    # With one program per sample (a grid target of 0 programs/SM gives S = 1) the backward
+    # kernels write d(shift), d(scale), d(gate) in the modulation's dtype with no sum pass.
+    for key in ("ln_bwd_programs_per_sm", "ln_bwd_fused_programs_per_sm", "ew_bwd_programs_per_sm"):
+        monkeypatch.setitem(K.TUNE, key, 0)
+    calls = []
+    monkeypatch.setattr(K, "_sum_partials", lambda *a: calls.append(a))
+    run_and_check(op, make_inputs(2, 33, 137, BF16, BF16, per_token=False))
+    run_and_check(op, make_inputs(3, 9, 72, F32, F32, per_token=False))
+    assert not calls
+
+
+def test_gated_residual_with_cache_hint(monkeypatch):
+    monkeypatch.setitem(K.TUNE, "ew_fwd_evict_first", 1)  # the forward's evict-first loads
+    run_and_check("gated_residual", make_inputs(2, 33, 137, BF16, F32, per_token=False))
+
+
 @pytest.mark.parametrize("S", [1, 37])  # one partial; several 16-row loads with a masked tail
 def test_partial_sums_match_reference(S):
     g = torch.Generator().manual_seed(5)
