@@ -529,15 +529,15 @@ TUNE: dict[str, int] = {
     "ln_bwd_fused_programs_per_sm": 6,  # the same three for gated_residual_adaln's backward
     "ln_bwd_fused_warps": 1,
     "ln_bwd_fused_reload_mod": 1,
-    "ew_fwd_block_c": 256,          # column tile of the elementwise gated-residual kernels
-    "ew_fwd_tile": 4096,
-    "ew_fwd_warps": 4,
+    "ew_fwd_block_c": 1024,          # column tile of the elementwise gated-residual kernels
+    "ew_fwd_tile": 8192,
+    "ew_fwd_warps": 8,
     "ew_fwd_evict_first": 0,
     "ew_bwd_block_c": 256,
     "ew_bwd_tile": 1024,
     "ew_bwd_warps": 4,
-    "ew_bwd_programs_per_sm": 8,
-    "ew_bwd_stages": 1,
+    "ew_bwd_programs_per_sm": 4,
+    "ew_bwd_stages": 3,
 }
 
 
