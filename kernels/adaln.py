@@ -383,24 +383,18 @@ def _adaln_bwd_kernel(
 def _gres_fwd_kernel(
     X, Y, GATE, R, N, C,
     sxb, sxn, syb, syn, sgb, sgn,
-    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid (cdiv(N, ROWS), cdiv(C, BLOCK_C), B): elementwise, so columns are tiled too and
-    # non-power-of-two C wastes at most part of one column tile.  EVICT_FIRST: x and y are read
-    # once, so they may leave L2 first (a cache hint; TUNE decides by measurement).
+    # non-power-of-two C wastes at most part of one column tile.  (An evict-first hint on the
+    # loads of x and y, read once, measured 7 % slower on an H200.)
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < N)[:, None] & cmask[None, :]
-    xp = X + b * sxb + rows[:, None] * sxn + cols[None, :]
-    yp = Y + b * syb + rows[:, None] * syn + cols[None, :]
-    if EVICT_FIRST:
-        x = tl.load(xp, mask=mask, other=0.0, eviction_policy="evict_first")
-        y = tl.load(yp, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        x = tl.load(xp, mask=mask, other=0.0)
-        y = tl.load(yp, mask=mask, other=0.0)
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
     g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
     r = x.to(tl.float32) + g * y.to(tl.float32)
     tl.store(R + b * N * C + rows[:, None] * C + cols[None, :], _cast(r, R.dtype.element_ty), mask=mask)
@@ -507,6 +501,9 @@ def _sum_partials_kernel(
 # - the fused backward, its residual loads moved after the reductions: one warp, 6 programs/SM,
 #   modulation reloaded, 3.63 / 3.65 TB/s against 3.57 / 3.29 (2 warps, 10/SM, held); the plain
 #   backward holds it (3.65 / 3.58 against 3.65 / 3.44).
+# - gated_residual's backward at 4 programs/SM, 3 stages: 3.69 / 3.85 TB/s against 3.17 / 3.63
+#   at 8 and 1; at (256, 256, 768) that is one program per (sample, column tile), S = 1, whose
+#   sums are dgate itself (no sum pass).
 # Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_split": 1,              # two power-of-two column chunks for a non-power-of-two C
@@ -529,10 +526,9 @@ TUNE: dict[str, int] = {
     "ln_bwd_fused_programs_per_sm": 6,  # the same three for gated_residual_adaln's backward
     "ln_bwd_fused_warps": 1,
     "ln_bwd_fused_reload_mod": 1,
-    "ew_fwd_block_c": 1024,          # column tile of the elementwise gated-residual kernels
+    "ew_fwd_block_c": 1024,         # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 8192,
     "ew_fwd_warps": 8,
-    "ew_fwd_evict_first": 0,
     "ew_bwd_block_c": 256,
     "ew_bwd_tile": 1024,
     "ew_bwd_warps": 4,
@@ -779,8 +775,7 @@ def gated_residual_forward(x, gate, y):
     block_c, rows, warps = _ew_config(N, C, "fwd")
     wrap_triton(_gres_fwd_kernel)[(_cdiv(N, rows), _cdiv(C, block_c), B)](
         x, y, gate, r, N, C, *_strides(x), *_strides(y), *_strides(gate),
-        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, EVICT_FIRST=bool(TUNE["ew_fwd_evict_first"]),
-        num_warps=warps,
+        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
     )
     return r
 

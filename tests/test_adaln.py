@@ -178,11 +178,6 @@ def test_one_program_per_sample_writes_gradients_directly(monkeypatch, op):
     assert not calls
 
 
-def test_gated_residual_with_cache_hint(monkeypatch):
-    monkeypatch.setitem(K.TUNE, "ew_fwd_evict_first", 1)  # the forward's evict-first loads
-    run_and_check("gated_residual", make_inputs(2, 33, 137, BF16, F32, per_token=False))
-
-
 @pytest.mark.parametrize("S", [1, 37])  # one partial; several 16-row loads with a masked tail
 def test_partial_sums_match_reference(S):
     g = torch.Generator().manual_seed(5)
