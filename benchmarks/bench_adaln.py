@@ -266,13 +266,15 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
         "ew_bwd": [("gres_bwd", lambda: lib.gated_residual_backward(gate, y, g1), spec["gated_residual"][2])],
     }
     grids = {
-        # the pipelined loop over tiles, per-sample modulation held in registers or reloaded per
-        # tile (reloading frees registers but stages the rows through shared memory)
-        **{g: [{f"{g}_split": sp, f"{g}_tile": t, f"{g}_warps": w, "ln_fwd_programs_per_sm": p,
-                "ln_fwd_stages": 3, f"{g}_reload_mod": rl}
-               for rl in (0, 1) for sp in (0, 1)
-               for t, w in ((4096, 1), (4096, 2), (8192, 4))
-               for p in (8, 16)] for g in ("ln_fwd", "ln_fwd_fused")},
+        # the pipelined loop over tiles: tile size, warps, programs per SM and stages, at the
+        # column split and modulation handling (held or reloaded per tile) that won the
+        # 2026-12-04 sweep (see kernels/adaln.py).  Small tiles hold fewer registers, so more
+        # programs fit on an SM; the default configurations are among these.
+        **{g: [{f"{g}_split": sp, f"{g}_reload_mod": rl, f"{g}_tile": t, f"{g}_warps": w,
+                f"{g}_programs_per_sm": p, f"{g}_stages": st}
+               for t, w in ((1024, 1), (1024, 2), (1024, 4), (2048, 1), (2048, 2), (2048, 4), (4096, 2), (8192, 4))
+               for p in (16, 32, 64) for st in (2, 3, 4)]
+           for g, sp, rl in (("ln_fwd", 1, 1), ("ln_fwd_fused", 0, 0))},
         # the grid (programs sharing a sample's rows), one-warp rows split in two chunks
         "ln_bwd": [{"ln_bwd_split": 1, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
                     "ln_bwd_warps": w, "ln_bwd_stages": 3, "ln_bwd_reload_mod": rl}
@@ -388,6 +390,12 @@ def _main(args) -> int:
         print("sweep (kernel alone, GB/s):")
         for s in result["sweep"]:
             print(f"  {s['shape']} {s['kernel']:9s} {s['gbps']:7.0f}  {s['config']}")
+        print("fastest three per shape and group:")
+        for key in sorted({(tuple(s["shape"]), s["group"]) for s in result["sweep"]}):
+            mine = sorted((s for s in result["sweep"] if (tuple(s["shape"]), s["group"]) == key),
+                          key=lambda s: -s["gbps"])
+            for s in mine[:3]:
+                print(f"  {key[0]} {key[1]:12s} {s['gbps']:7.0f}  {s['config']}")
         if not SMOKE:
             try:  # reads Triton's internals, which move between versions: a diagnostic, not a result
                 result["compiled"] = compiled_kernels()

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session3.sh tune   # the AdaLN tests on the GPU, then the LayerNorm kernels' sweep alone
 #   bash benchmarks/gpu_session3.sh reload # AdaLN GPU tests; LayerNorm sweep, modulation held or reloaded
 #   bash benchmarks/gpu_session3.sh ew     # AdaLN GPU tests; gated-residual sweep, then the AdaLN benchmark at its best
+#   bash benchmarks/gpu_session3.sh fwdtiles # AdaLN GPU tests; forward sweep over tiles, programs/SM, stages; benchmark at its best
 #   bash benchmarks/gpu_session3.sh confirm  # AdaLN GPU tests and benchmark at the defaults; dae-b beside the yardstick
 #   bash benchmarks/gpu_session3.sh memory # GPU tests of the AdaLN kernels and the model; dae-b's compiled
 #                                          # step beside the yardstick, then with the attention kernels'
@@ -80,6 +81,12 @@ case "${1:-train}" in
     timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd ew_bwd --apply-best --out "$OUT" \
       > "$OUT/adaln.log" 2>&1
     grep -v "^  \[" "$OUT/adaln.log" | tail -45 ;;
+  fwdtiles)  # AdaLN GPU tests; forward sweep (small tiles, more programs, stages), benchmark at its best
+    timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
+      > "$OUT/test_adaln-gpu.log" 2>&1; tail -4 "$OUT/test_adaln-gpu.log"
+    timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ln_fwd ln_fwd_fused --apply-best \
+      --shapes 256x256x768 64x1024x1152 64x256x768 --out "$OUT" > "$OUT/adaln.log" 2>&1
+    grep -v "^  \[" "$OUT/adaln.log" | tail -60 ;;
   confirm)  # the AdaLN GPU tests; the AdaLN benchmark at the defaults; dae-b's step beside the yardstick
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"

@@ -514,8 +514,10 @@ TUNE: dict[str, int] = {
     "ln_fwd_fused_tile": 4096,
     "ln_fwd_fused_warps": 2,
     "ln_fwd_fused_reload_mod": 0,
-    "ln_fwd_programs_per_sm": 16,   # both forwards; 0: one tile per program
+    "ln_fwd_programs_per_sm": 16,   # 0: one tile per program
     "ln_fwd_stages": 3,
+    "ln_fwd_fused_programs_per_sm": 16,
+    "ln_fwd_fused_stages": 3,
     "ln_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
@@ -682,7 +684,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
     while rows > 1 and B * _cdiv(N, rows) < TUNE["ln_fwd_min_programs_per_sm"] * _sm_count(x.device):
         rows //= 2
     warps = TUNE[f"{kind}_warps"] if rows * (block_a + block_b) <= tile else 8
-    per_sm = TUNE["ln_fwd_programs_per_sm"]
+    per_sm = TUNE[f"{kind}_programs_per_sm"]
     S, rows_per_prog = _split(B, N, rows, x.device, per_sm) if per_sm else (_cdiv(N, rows), rows)
     wrap_triton(_adaln_fwd_kernel)[(S, B)](
         x, y, gate, shift, scale, r, h, xhat, rstd,
@@ -690,7 +692,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
         SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        STAGES=TUNE["ln_fwd_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
+        STAGES=TUNE[f"{kind}_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 

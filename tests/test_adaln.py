@@ -152,10 +152,10 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     monkeypatch.setitem(K.TUNE, "ln_bwd_fused_reload_mod", int(not fwd_loop))
     monkeypatch.setitem(K.TUNE, f"{fwd}_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
-    monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 0)
+    monkeypatch.setitem(K.TUNE, f"{fwd}_programs_per_sm", 0)
     if fwd_loop:
-        monkeypatch.setitem(K.TUNE, "ln_fwd_programs_per_sm", 1)
-        monkeypatch.setitem(K.TUNE, "ln_fwd_stages", 2)
+        monkeypatch.setitem(K.TUNE, f"{fwd}_programs_per_sm", 1)
+        monkeypatch.setitem(K.TUNE, f"{fwd}_stages", 2)
         monkeypatch.setitem(K.TUNE, f"{fwd}_tile", 512)
         rows = K._rows_pow2(33, 512, sum(K._ln_blocks(C, split)))
         S, per_prog = K._split(2, 33, rows, torch.device("cpu"), 1)
