@@ -269,12 +269,14 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
         # the pipelined loop over tiles: tile size, warps, programs per SM and stages, at the
         # column split and modulation handling (held or reloaded per tile) that won the
         # 2026-12-04 sweep (see kernels/adaln.py).  Small tiles hold fewer registers, so more
-        # programs fit on an SM; the default configurations are among these.
-        **{g: [{f"{g}_split": sp, f"{g}_reload_mod": rl, f"{g}_tile": t, f"{g}_warps": w,
-                f"{g}_programs_per_sm": p, f"{g}_stages": st}
+        # programs fit on an SM; the default configurations are among these.  The launch settings
+        # are those of the shape's size class (kernels.adaln.forward_launch_kind).
+        **{g: [{f"{g}_split": sp, f"{g}_reload_mod": rl, f"{size}_tile": t, f"{size}_warps": w,
+                f"{size}_programs_per_sm": p, f"{size}_stages": st}
                for t, w in ((1024, 1), (1024, 2), (1024, 4), (2048, 1), (2048, 2), (2048, 4), (4096, 2), (8192, 4))
                for p in (16, 32, 64) for st in (2, 3, 4)]
-           for g, sp, rl in (("ln_fwd", 1, 1), ("ln_fwd_fused", 0, 0))},
+           for g, sp, rl in (("ln_fwd", 1, 1), ("ln_fwd_fused", 0, 0))
+           for size in [K.forward_launch_kind(g, B, N, x.device)]},
         # the grid (programs sharing a sample's rows), one-warp rows split in two chunks
         "ln_bwd": [{"ln_bwd_split": 1, "ln_bwd_elems_per_thread": 16, "ln_bwd_programs_per_sm": p,
                     "ln_bwd_warps": w, "ln_bwd_stages": 3, "ln_bwd_reload_mod": rl}
@@ -296,11 +298,14 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
     for group, cfgs in grids.items():
         if group not in groups:
             continue
+        # a forward group is recorded per size class, so that best_configs picks each class's
+        # settings from the shapes of that class
+        cls = K.forward_launch_kind(group, B, N, x.device) if group.startswith("ln_fwd") else group
         for cfg in cfgs:
             K.TUNE.update(cfg)
             for label, fn, nbytes in kernels[group]:
                 ms = bench(fn, rep=30, warmup=10, graph=True)
-                out.append({"shape": [B, N, C], "group": group, "kernel": label, "config": cfg, "ms": ms,
+                out.append({"shape": [B, N, C], "group": cls, "kernel": label, "config": cfg, "ms": ms,
                             "gbps": gbps(nbytes, ms)})
             K.TUNE.clear()
             K.TUNE.update(default)

@@ -23,6 +23,7 @@
 #          (MINUTES, default 14, e.g. --presets mldae)
 #   bash benchmarks/gpu_session3.sh final  # adaln, then dae-b's compiled step again (no yardstick) and its
 #                                          # top kernels under the profiler
+#   bash benchmarks/gpu_session3.sh sample-once  # `diffae bench sample` once, then the yardstick's sampling
 #   bash benchmarks/gpu_session3.sh methods [ARGS]  # the five method presets trained and evaluated at once
 #          (MINUTES of training, default 3.5; EVAL_MINUTES, default 3; ARGS go to method_suite.py, e.g.
 #          MINUTES=5.5 ... methods --presets mldae --set train.compile=true: one preset, compiled)
@@ -36,7 +37,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$SECONDS
 left() { echo $(( ${1} - (SECONDS - T0) )); }  # seconds left of a budget of $1 from the start
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
-[ "${1:-train}" = sample ] && : "${DIFFAE_NO_EXT:=0}"  # sampling uses the extension's step kernels
+case "${1:-train}" in sample|sample-once) : "${DIFFAE_NO_EXT:=0}" ;; esac  # sampling uses the extension's step kernels
 DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
   || tail -20 "$OUT/install.log"
 B="--preset dae-b --img 32 --channels 3 --batch 256"
@@ -147,6 +148,10 @@ case "${1:-train}" in
     gpu_tests tests/test_graphs.py tests/test_model.py tests/test_sampler_step.py tests/test_adaln.py
     timeout "$(left 585)" python3 benchmarks/profile_sample.py --batch 1 64 --variants ${VARIANTS:-copy autocast} \
       --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/profile-sample.log" ;;
+  sample-once)  # `diffae bench sample` once (extension built), then the yardstick's sampling
+    timeout 300 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
+      --json "$OUT/bench-sample.json" 2>&1 | grep -v "^W" | tee "$OUT/bench-sample.log"
+    yardstick_sample ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;

@@ -504,20 +504,40 @@ def _sum_partials_kernel(
 # - gated_residual's backward at 4 programs/SM, 3 stages: 3.69 / 3.85 TB/s against 3.17 / 3.63
 #   at 8 and 1; at (256, 256, 768) that is one program per (sample, column tile), S = 1, whose
 #   sums are dgate itself (no sum pass).
+# 2026-12-04, forward tiles of 1024-8192 elements, 16-64 programs/SM, 2-4 stages (the split and
+# modulation handling above): smaller tiles hold fewer registers (4 warps over 2048 elements
+# against 2 over 4096), and more, smaller programs per SM won:
+# - at (256, 256, 768) / (64, 1024, 1152): adaln_modulate 4.02 / 3.84 TB/s (4096-element tiles,
+#   2 warps, 64/SM) against 3.81 / 3.78 at the previous settings; the fused forward 4.08 / 3.84
+#   (2048, 4 warps, 64/SM) against 3.85 / 3.92.
+# - at the sampling batch (64, 256, 768) those settings leave one tile per program (3.27 / 3.31
+#   TB/s); one-row tiles on one warp, 32/SM, 2 stages gave adaln_modulate 3.98, and 2048-element
+#   tiles, 32/SM the fused one 3.77: hence the *_small settings below 256 rows per SM.
 # Benchmarks may override entries of TUNE.
 TUNE: dict[str, int] = {
     "ln_fwd_split": 1,              # two power-of-two column chunks for a non-power-of-two C
-    "ln_fwd_tile": 8192,            # elements per forward tile (ROWS * columns)
-    "ln_fwd_warps": 4,
     "ln_fwd_reload_mod": 1,         # per-sample modulation loaded per tile (1) or held (0; see _mod)
-    "ln_fwd_fused_split": 0,        # the same four for gated_residual_adaln's forward
-    "ln_fwd_fused_tile": 4096,
-    "ln_fwd_fused_warps": 2,
+    "ln_fwd_fused_split": 0,        # the same two for gated_residual_adaln's forward
     "ln_fwd_fused_reload_mod": 0,
-    "ln_fwd_programs_per_sm": 16,   # 0: one tile per program
+    # Launch settings per forward kernel and problem size: a problem of fewer than
+    # ln_fwd_small_rows_per_sm rows (B * N) per SM takes the *_small ones.
+    "ln_fwd_small_rows_per_sm": 256,
+    "ln_fwd_tile": 4096,            # elements per forward tile (ROWS * columns)
+    "ln_fwd_warps": 2,
+    "ln_fwd_programs_per_sm": 64,   # 0: one tile per program
     "ln_fwd_stages": 3,
-    "ln_fwd_fused_programs_per_sm": 16,
+    "ln_fwd_small_tile": 1024,
+    "ln_fwd_small_warps": 1,
+    "ln_fwd_small_programs_per_sm": 32,
+    "ln_fwd_small_stages": 2,
+    "ln_fwd_fused_tile": 2048,
+    "ln_fwd_fused_warps": 4,
+    "ln_fwd_fused_programs_per_sm": 64,
     "ln_fwd_fused_stages": 3,
+    "ln_fwd_fused_small_tile": 2048,
+    "ln_fwd_fused_small_warps": 4,
+    "ln_fwd_fused_small_programs_per_sm": 32,
+    "ln_fwd_fused_small_stages": 3,
     "ln_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
     "ln_bwd_split": 1,
     "ln_bwd_elems_per_thread": 16,  # per loaded tensor, per loop iteration
@@ -656,6 +676,13 @@ def _sum_partials(partials, dtypes):
     return outs
 
 
+def forward_launch_kind(kind: str, B: int, N: int, device: torch.device) -> str:
+    """The TUNE prefix of a LayerNorm forward's launch settings: kind ("ln_fwd" or "ln_fwd_fused"),
+    or kind + "_small" for a problem of few rows per SM (the sampling batches)."""
+    small = B * N < TUNE["ln_fwd_small_rows_per_sm"] * _sm_count(device)
+    return f"{kind}_small" if small else kind
+
+
 def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_norm=False):
     """h = adaln(x) or, with gate and y, (r, h) = (x + gate * y, adaln(r)).  r is None without.
     h is written in out_dtype (default x's): the next GEMM's input dtype, so no cast pass follows.
@@ -678,13 +705,14 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         gate = y = r = torch.empty((1,), device=x.device, dtype=x.dtype)  # appear to write
     kind = "ln_fwd_fused" if residual else "ln_fwd"
     block_a, block_b = _ln_blocks(C, TUNE[f"{kind}_split"])
-    tile = TUNE[f"{kind}_tile"]
+    launch = forward_launch_kind(kind, B, N, x.device)
+    tile = TUNE[f"{launch}_tile"]
     rows = _rows_pow2(N, tile, block_a + block_b)
     # A small problem (sampling at batch 1: 256 rows) takes smaller tiles rather than leave SMs idle.
     while rows > 1 and B * _cdiv(N, rows) < TUNE["ln_fwd_min_programs_per_sm"] * _sm_count(x.device):
         rows //= 2
-    warps = TUNE[f"{kind}_warps"] if rows * (block_a + block_b) <= tile else 8
-    per_sm = TUNE[f"{kind}_programs_per_sm"]
+    warps = TUNE[f"{launch}_warps"] if rows * (block_a + block_b) <= tile else 8
+    per_sm = TUNE[f"{launch}_programs_per_sm"]
     S, rows_per_prog = _split(B, N, rows, x.device, per_sm) if per_sm else (_cdiv(N, rows), rows)
     wrap_triton(_adaln_fwd_kernel)[(S, B)](
         x, y, gate, shift, scale, r, h, xhat, rstd,
@@ -692,7 +720,7 @@ def adaln_forward(x, shift, scale, eps, gate=None, y=None, out_dtype=None, save_
         *_strides(x), *_strides(y), *_strides(gate), *_strides(shift), *_strides(scale),
         RESIDUAL=residual, GATE_TOK=residual and gate.dim() == 3, SHIFT_TOK=shift.dim() == 3,
         SCALE_TOK=scale.dim() == 3, SAVE_NORM=save_norm, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-        STAGES=TUNE[f"{kind}_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
+        STAGES=TUNE[f"{launch}_stages"], RELOAD_MOD=bool(TUNE[f"{kind}_reload_mod"]), num_warps=warps,
     )
     return (r if residual else None), h, xhat, rstd
 

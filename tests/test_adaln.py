@@ -152,17 +152,44 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     monkeypatch.setitem(K.TUNE, "ln_bwd_fused_reload_mod", int(not fwd_loop))
     monkeypatch.setitem(K.TUNE, f"{fwd}_split", split)
     monkeypatch.setitem(K.TUNE, "ln_bwd_split", split)
-    monkeypatch.setitem(K.TUNE, f"{fwd}_programs_per_sm", 0)
+    launch = K.forward_launch_kind(fwd, 2, 33, torch.device("cpu"))  # the size class of both shapes below
+    assert launch == K.forward_launch_kind(fwd, 2, 9, torch.device("cpu"))
+    monkeypatch.setitem(K.TUNE, f"{launch}_programs_per_sm", 0)
     if fwd_loop:
-        monkeypatch.setitem(K.TUNE, f"{fwd}_programs_per_sm", 1)
-        monkeypatch.setitem(K.TUNE, f"{fwd}_stages", 2)
-        monkeypatch.setitem(K.TUNE, f"{fwd}_tile", 512)
+        monkeypatch.setitem(K.TUNE, f"{launch}_programs_per_sm", 1)
+        monkeypatch.setitem(K.TUNE, f"{launch}_stages", 2)
+        monkeypatch.setitem(K.TUNE, f"{launch}_tile", 512)
         rows = K._rows_pow2(33, 512, sum(K._ln_blocks(C, split)))
         S, per_prog = K._split(2, 33, rows, torch.device("cpu"), 1)
         assert per_prog >= 2 * rows and S * per_prog > 33  # several tiles each, a partial tail
     assert (K._ln_blocks(C, split)[1] > 0) == bool(split)
     run_and_check(op, make_inputs(2, 33, C, BF16, F32, per_token))
     run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
+def test_forward_size_classes_match_reference(monkeypatch, op):
+    # Problems below ln_fwd_small_rows_per_sm rows per SM launch with the *_small settings; the
+    # threshold moved to either side runs one shape through both classes' settings.
+    fwd = "ln_fwd_fused" if op == "gated_residual_adaln" else "ln_fwd"
+    cpu = torch.device("cpu")
+
+    class Reads(dict):  # TUNE, recording which settings the launchers read
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    for threshold, launch, other in ((0, fwd, f"{fwd}_small"), (10**9, f"{fwd}_small", fwd)):
+        tune = Reads(K.TUNE, ln_fwd_small_rows_per_sm=threshold)
+        tune.read = set()
+        monkeypatch.setattr(K, "TUNE", tune)
+        assert K.forward_launch_kind(fwd, 2, 40, cpu) == launch
+        run_and_check(op, make_inputs(2, 40, 96, BF16, F32, False))
+        assert f"{launch}_tile" in tune.read and f"{other}_tile" not in tune.read
+    monkeypatch.setattr(K, "TUNE", dict(K.TUNE))
+    monkeypatch.setitem(K.TUNE, "ln_fwd_small_rows_per_sm", 256)
+    assert K.forward_launch_kind(fwd, 4, 255, cpu) == f"{fwd}_small"  # 4 SMs under the interpreter
+    assert K.forward_launch_kind(fwd, 4, 256, cpu) == fwd
 
 
 @pytest.mark.parametrize("op", list(OPS))
