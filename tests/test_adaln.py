@@ -186,8 +186,7 @@ def test_forward_size_classes_match_reference(monkeypatch, op):
         assert K.forward_launch_kind(fwd, 2, 40, cpu) == launch
         run_and_check(op, make_inputs(2, 40, 96, BF16, F32, False))
         assert f"{launch}_tile" in tune.read and f"{other}_tile" not in tune.read
-    monkeypatch.setattr(K, "TUNE", dict(K.TUNE))
-    monkeypatch.setitem(K.TUNE, "ln_fwd_small_rows_per_sm", 256)
+    monkeypatch.setattr(K, "TUNE", {**K.TUNE, "ln_fwd_small_rows_per_sm": 256})
     assert K.forward_launch_kind(fwd, 4, 255, cpu) == f"{fwd}_small"  # 4 SMs under the interpreter
     assert K.forward_launch_kind(fwd, 4, 256, cpu) == fwd
 
