@@ -551,6 +551,7 @@ TUNE: dict[str, int] = {
     "ew_fwd_block_c": 1024,         # column tile of the elementwise gated-residual kernels
     "ew_fwd_tile": 8192,
     "ew_fwd_warps": 8,
+    "ew_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
     "ew_bwd_block_c": 256,
     "ew_bwd_tile": 1024,
     "ew_bwd_warps": 4,
@@ -803,6 +804,9 @@ def gated_residual_forward(x, gate, y):
     x, gate, y = _rowmajor(x), _rowmajor(gate), _rowmajor(y)
     r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     block_c, rows, warps = _ew_config(N, C, "fwd")
+    # as the LayerNorm forward: a small problem (batch 1) takes smaller tiles, not a few programs
+    while rows > 1 and B * _cdiv(N, rows) * _cdiv(C, block_c) < TUNE["ew_fwd_min_programs_per_sm"] * _sm_count(x.device):
+        rows //= 2
     wrap_triton(_gres_fwd_kernel)[(_cdiv(N, rows), _cdiv(C, block_c), B)](
         x, y, gate, r, N, C, *_strides(x), *_strides(y), *_strides(gate),
         GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
