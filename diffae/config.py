@@ -59,6 +59,10 @@ class EncoderConfig:
     latent: str = "deterministic"  # deterministic | gaussian (KL) | bernoulli (straight-through)
     l1_weight: float = 0.0         # deterministic code: L1 penalty on z
     kl_weight: float = 0.0         # gaussian code: KL(q(z|x) || N(0, I)) weight
+    # training only: the encoder sees a random crop of x0 (area in [view_min_area, 1], resized back;
+    # 1.0: x0 itself), mirrored at random when view_flip, while the denoiser denoises x0 (nn/views.py)
+    view_min_area: float = 1.0
+    view_flip: bool = False
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Config:
             raise ConfigError("the VE process supports prediction 'eps' or 'score'")
         if d.process != "ve" and d.prediction == "score":
             raise ConfigError("prediction 'score' needs diffusion.process='ve'")
+        if not 0.0 < e.view_min_area <= 1.0:
+            raise ConfigError(f"encoder.view_min_area must be in (0, 1], got {e.view_min_area}")
         if e.latent == "bernoulli" and m.conditioning != "cross-attn" and e.z_dim > 4096:
             raise ConfigError("encoder.z_dim too large for a Bernoulli code")
         t = self.train

@@ -35,13 +35,17 @@ def _grads(model):
 
 
 # --- torch.compile: one graph ------------------------------------------------------------------
-def test_loss_compiles_without_graph_breaks_on_dae_tiny():
+@pytest.mark.parametrize("sets", [[], ["encoder.view_min_area=0.5", "encoder.view_flip=true"]],
+                         ids=["x0", "views"])
+def test_loss_compiles_without_graph_breaks_on_dae_tiny(sets):
     """fullgraph=True raises at the first graph break; the eager backend makes tracing the whole
-    cost (no code generation), so this proves the training loss is one graph, cheaply."""
-    cfg = get_preset("dae-tiny")
+    cost (no code generation), so this proves the training loss is one graph, cheaply; also with
+    the encoder's views resampled inside the loss."""
+    cfg = get_preset("dae-tiny").override(sets)
     model = _model(cfg)
     x0 = synthetic(n=4).images
     noise = model.draw_noise(4, "cpu", torch.Generator().manual_seed(0))
+    assert ("view" in noise) == bool(sets)
     torch._dynamo.reset()
     out = torch.compile(model.loss, fullgraph=True, backend="eager")(x0, noise=noise)
     out.loss.backward()

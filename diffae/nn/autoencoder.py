@@ -14,6 +14,7 @@ from ..profiling import nvtx_range
 from .dit import DiT
 from .encoder import Encoder
 from .latent import Latent
+from .views import apply_views, draw_views
 
 DEFAULT_CODE_T = 0.5  # where a time-dependent encoder is read when no t is given
 
@@ -107,7 +108,8 @@ class DiffusionAutoencoder(nn.Module):
 
     def draw_noise(self, n: int, device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The randomness of one loss evaluation on n images: times "t" (n,), Gaussian noise "eps"
-        (n, C, H, W) and, for a sampled code, the latent head's "latent" (n, z_dim).
+        (n, C, H, W), for a sampled code the latent head's "latent" (n, z_dim), and when the
+        encoder trains on other views of x0 (encoder.view_*) their affine maps "view" (n, 2, 3).
 
         Apart from the loss so that data-parallel ranks can each draw it for the whole global batch
         (in step, from one seed) and take their slice: a run then does not depend on the number of
@@ -118,6 +120,9 @@ class DiffusionAutoencoder(nn.Module):
         latent = self.encoder.head.draw_noise(n, device, generator)
         if latent is not None:
             noise["latent"] = latent
+        e = self.cfg.encoder
+        if e.view_min_area < 1.0 or e.view_flip:
+            noise["view"] = draw_views(n, e.view_min_area, e.view_flip, device, generator)
         return noise
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None,
@@ -133,7 +138,8 @@ class DiffusionAutoencoder(nn.Module):
         a4, s4 = alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
         x_t = a4 * x0 + s4 * eps
         with nvtx_range("encoder"):
-            latent = self.encode_latent(x0, t, sample=True, noise=noise.get("latent"))
+            seen = apply_views(x0, noise["view"]) if "view" in noise else x0
+            latent = self.encode_latent(seen, t, sample=True, noise=noise.get("latent"))
         with nvtx_range("denoiser"):
             out = self.denoise(x_t, t, latent.z)
         per_sample = (out.float() - target(d.prediction, x0, eps, a4, s4)).pow(2).mean((1, 2, 3))
