@@ -26,8 +26,8 @@ def draw_views(n: int, min_area: float, flip: bool, device=None,
     # the aspect range narrows as the area nears 1, so that the crop fits (w, h <= 1): at area 1
     # the view is the whole image, undistorted
     log_area = torch.log(area)
-    lo = torch.maximum(log_area, torch.full_like(area, math.log(ASPECT[0])))
-    hi = torch.minimum(-log_area, torch.full_like(area, math.log(ASPECT[1])))
+    lo = log_area.clamp(min=math.log(ASPECT[0]))
+    hi = (-log_area).clamp(max=math.log(ASPECT[1]))
     aspect = torch.exp(lo + (hi - lo) * u[:, 1])
     w = torch.sqrt(area * aspect)  # half-sizes in normalised coordinates
     h = torch.sqrt(area / aspect)
