@@ -30,9 +30,8 @@
 #   bash benchmarks/gpu_session3.sh sample # `diffae bench sample` in two processes (cold, then reusing the
 #                                          # compile caches); the yardstick's sampling; GPU tests of sampling
 #                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
-#   bash benchmarks/gpu_session3.sh h100-adaln  # on the issues' own GPU: AdaLN GPU tests; the benchmark at the
-#          defaults on the target shapes; the gated-residual and fused-forward sweeps at 256x256x768, then
-#          the benchmark there at their best
+#   bash benchmarks/gpu_session3.sh h100-adaln  # on the issues' own GPU: AdaLN GPU tests; the gated-residual
+#          and fused forward sweeps on the target shapes (the defaults among them), then the benchmark at their best
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -158,12 +157,9 @@ case "${1:-train}" in
   h100-adaln)
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"
-    timeout 240 python3 benchmarks/bench_adaln.py --out "$OUT" > "$OUT/adaln.log" 2>&1
-    grep -v "^  \[" "$OUT/adaln.log" | tail -26
-    mkdir -p "$OUT/sweep"
     timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd ln_fwd_fused --apply-best \
-      --shapes 256x256x768 --out "$OUT/sweep" > "$OUT/adaln-sweep.log" 2>&1
-    grep -A8 "^fastest" "$OUT/adaln-sweep.log"; grep "fwd" "$OUT/adaln-sweep.log" | grep -v "^  " | tail -8 ;;
+      --out "$OUT" > "$OUT/adaln.log" 2>&1
+    grep -A12 "^fastest" "$OUT/adaln.log"; grep -v "^  \[" "$OUT/adaln.log" | grep -A30 "^benchmarking" | tail -31 ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;
