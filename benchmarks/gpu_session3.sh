@@ -32,6 +32,7 @@
 #                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
 #   bash benchmarks/gpu_session3.sh h100-adaln  # on the issues' own GPU: AdaLN GPU tests; the gated-residual
 #          and fused forward sweeps on the target shapes (the defaults among them), then the benchmark at their best
+#   bash benchmarks/gpu_session3.sh train-profile  # dae-b beside the yardstick; its top kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -160,6 +161,11 @@ case "${1:-train}" in
     timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd ln_fwd_fused --apply-best \
       --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -A12 "^fastest" "$OUT/adaln.log"; grep -v "^  \[" "$OUT/adaln.log" | grep -A30 "^benchmarking" | tail -31 ;;
+  train-profile)  # dae-b's step beside the compiled yardstick; then its top kernels, compiled without graphs
+    timeout 330 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
+    timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 45 \
+      > "$OUT/profile.txt" 2>&1
+    grep -v "^W\|profiler" "$OUT/profile.txt" | tail -52 ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;
