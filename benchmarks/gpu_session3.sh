@@ -30,7 +30,7 @@
 #   bash benchmarks/gpu_session3.sh sample # `diffae bench sample` in two processes (cold, then reusing the
 #                                          # compile caches); the yardstick's sampling; GPU tests of sampling
 #                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
-#   bash benchmarks/gpu_session3.sh h100-adaln  # on the issues' own GPU: AdaLN GPU tests; the gated-residual
+#   bash benchmarks/gpu_session3.sh adaln-targets  # AdaLN GPU tests; the gated-residual
 #          and fused forward sweeps on the target shapes (the defaults among them), then the benchmark at their best
 #   bash benchmarks/gpu_session3.sh train-profile  # dae-b beside the yardstick; its top kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
@@ -155,7 +155,7 @@ case "${1:-train}" in
     timeout 300 python3 -m diffae bench sample --preset dae-b --batch 1 64 --steps 10 --compile --cuda-graph \
       --json "$OUT/bench-sample.json" 2>&1 | grep -v "^W" | tee "$OUT/bench-sample.log"
     yardstick_sample ;;
-  h100-adaln)
+  adaln-targets)
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"
     timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd ln_fwd_fused --apply-best \
