@@ -30,8 +30,8 @@
 #   bash benchmarks/gpu_session3.sh sample # `diffae bench sample` in two processes (cold, then reusing the
 #                                          # compile caches); the yardstick's sampling; GPU tests of sampling
 #                                          # and AdaLN; profile_sample.py over VARIANTS (default: copy autocast)
-#   bash benchmarks/gpu_session3.sh adaln-targets  # AdaLN GPU tests; the gated-residual
-#          and fused forward sweeps on the target shapes (the defaults among them), then the benchmark at their best
+#   bash benchmarks/gpu_session3.sh adaln-targets  # AdaLN GPU tests; the gated-residual forward
+#          sweep on the target shapes (the defaults among them), then the benchmark at its best
 #   bash benchmarks/gpu_session3.sh train-profile  # dae-b beside the yardstick; its top kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
@@ -158,7 +158,7 @@ case "${1:-train}" in
   adaln-targets)
     timeout 100 python3 -m pytest tests/test_adaln.py -m gpu -o addopts="" -p no:cacheprovider -q -x \
       > "$OUT/test_adaln.log" 2>&1; tail -4 "$OUT/test_adaln.log"
-    timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd ln_fwd_fused --apply-best \
+    timeout "$(left 585)" python3 benchmarks/bench_adaln.py --sweep --groups ew_fwd --apply-best \
       --out "$OUT" > "$OUT/adaln.log" 2>&1
     grep -A12 "^fastest" "$OUT/adaln.log"; grep -v "^  \[" "$OUT/adaln.log" | grep -A30 "^benchmarking" | tail -31 ;;
   train-profile)  # dae-b's step beside the compiled yardstick; then its top kernels, compiled without graphs
