@@ -284,15 +284,8 @@ def sweep(B, N, C, groups=("ln_fwd", "ln_fwd_fused", "ln_bwd", "ln_bwd_fused", "
         # the fused kernel's own grid and warps (split, tile and stages: the plain kernel's)
         "ln_bwd_fused": [{"ln_bwd_fused_programs_per_sm": p, "ln_bwd_fused_warps": w, "ln_bwd_fused_reload_mod": rl}
                          for rl in (0, 1) for w in (1, 2) for p in (4, 6, 8, 10, 12)],
-        # one tile per program (programs_per_sm 0), or a pipelined loop over tiles as the
-        # LayerNorm forward's: a grid of a few programs per SM has no partly filled last wave
-        "ew_fwd": [{"ew_fwd_block_c": bc, "ew_fwd_tile": t, "ew_fwd_warps": w, "ew_fwd_programs_per_sm": 0,
-                    "ew_fwd_stages": 1}
-                   for bc, t, w in ((256, 4096, 4), (256, 8192, 8), (512, 8192, 8), (1024, 8192, 8))]
-                  + [{"ew_fwd_block_c": bc, "ew_fwd_tile": t, "ew_fwd_warps": w, "ew_fwd_programs_per_sm": p,
-                      "ew_fwd_stages": st}
-                     for bc, t, w in ((256, 2048, 4), (512, 4096, 4), (1024, 4096, 4), (1024, 8192, 8))
-                     for p in (8, 16, 32) for st in (2, 3)],
+        "ew_fwd": [{"ew_fwd_block_c": bc, "ew_fwd_tile": t, "ew_fwd_warps": w}
+                   for bc, t, w in ((256, 4096, 4), (256, 8192, 8), (512, 8192, 8), (1024, 8192, 8))],
         # programs_per_sm 4 puts one program on each (sample, column tile) of the (256, 256, 768)
         # backward: S = 1, the sums written directly, no sum pass
         "ew_bwd": [{"ew_bwd_block_c": bc, "ew_bwd_tile": t, "ew_bwd_warps": w, "ew_bwd_programs_per_sm": p,

@@ -381,35 +381,23 @@ def _adaln_bwd_kernel(
 
 @triton.jit
 def _gres_fwd_kernel(
-    X, Y, GATE, R, N, C, rows_per_prog,
+    X, Y, GATE, R, N, C,
     sxb, sxn, syb, syn, sgb, sgn,
-    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+    GATE_TOK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (S, cdiv(C, BLOCK_C), B): program s of sample b walks rows [s * rows_per_prog,
-    # +rows_per_prog) of one column tile in tiles of ROWS rows (one tile when rows_per_prog ==
-    # ROWS), pipelined over STAGES.  Elementwise, so columns are tiled too and non-power-of-two C
-    # wastes at most part of one column tile.  (An evict-first hint on the loads of x and y, read
-    # once, measured 7 % slower on an H200.)
+    # grid (cdiv(N, ROWS), cdiv(C, BLOCK_C), B): elementwise, so columns are tiled too and
+    # non-power-of-two C wastes at most part of one column tile.  (An evict-first hint on the
+    # loads of x and y, read once, measured 7 % slower on an H200.)
     b = tl.program_id(2).to(tl.int64)
-    X += b * sxb
-    Y += b * syb
-    GATE += b * sgb
-    R += b * N * C
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    g = _mod_row(GATE, cols, cmask, GATE_TOK)  # a per-sample gate, loaded once per program
-    start = tl.program_id(0) * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, N)
-    for r0 in tl.range(start, end, ROWS, num_stages=STAGES):
-        rows = r0 + tl.arange(0, ROWS)
-        mask = (rows < end)[:, None] & cmask[None, :]
-        x = _tile(X, rows, cols, sxn, mask)
-        y = _tile(Y, rows, cols, syn, mask)
-        gt = g
-        if GATE_TOK:
-            gt = _tile(GATE, rows, cols, sgn, mask).to(tl.float32)
-        r = x.to(tl.float32) + gt * y.to(tl.float32)
-        tl.store(R + rows[:, None] * C + cols[None, :], _cast(r, R.dtype.element_ty), mask=mask)
+    mask = (rows < N)[:, None] & cmask[None, :]
+    x = tl.load(X + b * sxb + rows[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+    y = tl.load(Y + b * syb + rows[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+    g = _load_mod(GATE, b, rows, cols, sgb, sgn, mask, cmask, GATE_TOK)
+    r = x.to(tl.float32) + g * y.to(tl.float32)
+    tl.store(R + b * N * C + rows[:, None] * C + cols[None, :], _cast(r, R.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -564,8 +552,6 @@ TUNE: dict[str, int] = {
     "ew_fwd_tile": 8192,
     "ew_fwd_warps": 8,
     "ew_fwd_min_programs_per_sm": 2,  # tiles shrink (to one row) until the grid has this many
-    "ew_fwd_programs_per_sm": 0,    # 0: one tile per program; else a pipelined loop over tiles
-    "ew_fwd_stages": 1,
     "ew_bwd_block_c": 256,
     "ew_bwd_tile": 1024,
     "ew_bwd_warps": 4,
@@ -818,15 +804,12 @@ def gated_residual_forward(x, gate, y):
     x, gate, y = _rowmajor(x), _rowmajor(gate), _rowmajor(y)
     r = torch.empty((B, N, C), device=x.device, dtype=x.dtype)
     block_c, rows, warps = _ew_config(N, C, "fwd")
-    col_tiles = _cdiv(C, block_c)
     # as the LayerNorm forward: a small problem (batch 1) takes smaller tiles, not a few programs
-    while rows > 1 and B * _cdiv(N, rows) * col_tiles < TUNE["ew_fwd_min_programs_per_sm"] * _sm_count(x.device):
+    while rows > 1 and B * _cdiv(N, rows) * _cdiv(C, block_c) < TUNE["ew_fwd_min_programs_per_sm"] * _sm_count(x.device):
         rows //= 2
-    per_sm = TUNE["ew_fwd_programs_per_sm"]
-    S, rows_per_prog = _split(B, N, rows, x.device, per_sm, col_tiles) if per_sm else (_cdiv(N, rows), rows)
-    wrap_triton(_gres_fwd_kernel)[(S, col_tiles, B)](
-        x, y, gate, r, N, C, rows_per_prog, *_strides(x), *_strides(y), *_strides(gate),
-        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, STAGES=TUNE["ew_fwd_stages"], num_warps=warps,
+    wrap_triton(_gres_fwd_kernel)[(_cdiv(N, rows), _cdiv(C, block_c), B)](
+        x, y, gate, r, N, C, *_strides(x), *_strides(y), *_strides(gate),
+        GATE_TOK=gate.dim() == 3, ROWS=rows, BLOCK_C=block_c, num_warps=warps,
     )
     return r
 

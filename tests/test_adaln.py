@@ -167,21 +167,6 @@ def test_row_layouts_match_reference(monkeypatch, fwd_loop, split, op, per_token
     run_and_check(op, make_inputs(2, 9, C, F32, F32, per_token), out_dtype=BF16)
 
 
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-@pytest.mark.parametrize("C", [72, 137])  # one column tile; two, the second mostly masked
-def test_gated_residual_tile_loop_matches_reference(monkeypatch, per_token, C):
-    # ew_fwd_programs_per_sm > 0: each gated-residual forward program walks several row tiles of
-    # one column tile (pipelined), the last cut short by N; the per-sample gate is loaded once.
-    for key, value in (("ew_fwd_programs_per_sm", 1), ("ew_fwd_stages", 2), ("ew_fwd_tile", 512),
-                       ("ew_fwd_block_c", 128), ("ew_fwd_min_programs_per_sm", 0)):
-        monkeypatch.setitem(K.TUNE, key, value)
-    block_c, rows, _ = K._ew_config(33, C, "fwd")
-    S, per_prog = K._split(2, 33, rows, torch.device("cpu"), 1, K._cdiv(C, block_c))
-    assert per_prog >= 2 * rows and S * per_prog > 33  # several tiles each, a partial tail
-    run_and_check("gated_residual", make_inputs(2, 33, C, BF16, F32, per_token))
-    run_and_check("gated_residual", make_inputs(2, 9, C, F32, BF16, per_token))
-
-
 @pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual_adaln"])
 def test_forward_size_classes_match_reference(monkeypatch, op):
     # Problems below ln_fwd_small_rows_per_sm rows per SM launch with the *_small settings; the
