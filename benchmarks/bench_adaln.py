@@ -44,6 +44,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import graph_ms  # noqa: E402
+
 from diffae.kernels import adaln as K  # noqa: E402
 from diffae.ops import adaln as R  # noqa: E402
 
@@ -62,38 +65,6 @@ def bench(fn, rep=100, warmup=25, graph=False) -> float:
     if graph:
         return graph_ms(fn, rep)
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")  # ms
-
-
-def graph_ms(fn, rep: float) -> float:
-    """Median ms per call of fn() replayed from one CUDA graph of as many calls as fill ~rep ms.
-
-    Captured on the current stream, which main() makes a side stream for the whole run: autograd
-    runs a backward on the stream its forward ran on, so a retained graph's backward is captured
-    only when its forward was recorded on the capturing stream too (triton's do_bench_cudagraph
-    captures on a fresh stream and fails there)."""
-    stream = torch.cuda.current_stream()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def capture(n):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=stream):
-            for _ in range(n):
-                fn()
-        return g
-
-    def replay_ms(g):
-        start.record(stream)
-        g.replay()
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    fn()  # compile and allocate outside the capture
-    n = max(1, min(200, int(rep / max(replay_ms(capture(1)), 1e-3))))
-    g = capture(n)
-    replay_ms(g)
-    times = sorted(replay_ms(g) / n for _ in range(10))
-    return times[len(times) // 2]
 
 
 def gbps(nbytes: int, ms: float) -> float:

@@ -1,5 +1,5 @@
-"""Shared GPU benchmark helpers: timing with CUDA events (median), ceilings measured in the same
-run, and JSON results under benchmarks/results/<gpu>-<name>.json with versions and the command."""
+"""Shared GPU benchmark helpers: timing with CUDA events (median; stream launches or CUDA-graph
+replays), ceilings measured in the same run, and JSON results under benchmarks/results/<gpu>-<name>.json with versions and the command."""
 from __future__ import annotations
 
 import datetime as dt
@@ -24,6 +24,39 @@ def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of fn() with CUDA events (triton.testing.do_bench; warmup/rep in ms)."""
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_ms(fn, rep: float) -> float:
+    """Median ms per call of fn() replayed from one CUDA graph of as many calls as fill ~rep ms.
+
+    Captured on the current stream, which a caller timing backward passes makes a side stream
+    for the whole run (capture cannot use the default stream): autograd runs a backward on the
+    stream its forward ran on, so a retained graph's backward is captured only when its forward
+    was recorded on the capturing stream too (triton's do_bench_cudagraph captures on a fresh
+    stream and fails there)."""
+    stream = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def capture(n):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for _ in range(n):
+                fn()
+        return g
+
+    def replay_ms(g):
+        start.record(stream)
+        g.replay()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    fn()  # compile and allocate outside the capture
+    n = max(1, min(200, int(rep / max(replay_ms(capture(1)), 1e-3))))
+    g = capture(n)
+    replay_ms(g)
+    times = sorted(replay_ms(g) / n for _ in range(10))
+    return times[len(times) // 2]
 
 
 def host_us(fn, iters: int = 200, warmup: int = 10) -> float:
