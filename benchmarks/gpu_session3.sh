@@ -33,8 +33,9 @@
 #   bash benchmarks/gpu_session3.sh adaln-targets  # AdaLN GPU tests; the gated-residual forward
 #          sweep on the target shapes (the defaults among them), then the benchmark at its best
 #   bash benchmarks/gpu_session3.sh train-profile  # dae-b beside the yardstick; its top kernels (compiled, no graphs)
-#   bash benchmarks/gpu_session3.sh survey  # dae-b's top kernels (compiled, no graphs); the attention
-#                                           # benchmark at all five shapes (stream and CUDA-graph timings)
+#   bash benchmarks/gpu_session3.sh survey  # attention GPU tests; the attention benchmark at all five
+#                                           # shapes (both backwards; stream and CUDA-graph timings);
+#                                           # dae-b's top kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -169,11 +170,13 @@ case "${1:-train}" in
       > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler" "$OUT/profile.txt" | tail -52 ;;
   survey)
-    timeout 240 python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 60 \
+    timeout 150 python3 -m pytest tests/test_attention.py -m gpu -o addopts="" -p no:cacheprovider -q \
+      > "$OUT/test_attention-gpu.log" 2>&1; tail -5 "$OUT/test_attention-gpu.log"
+    timeout 270 python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1
+    tail -32 "$OUT/attention.log"
+    timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 60 \
       > "$OUT/profile.txt" 2>&1
-    grep -v "^W\|profiler\|_warn_once" "$OUT/profile.txt" | tail -66 | cut -c1-60,150-260
-    timeout "$(left 585)" python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1
-    tail -45 "$OUT/attention.log" ;;
+    grep -v "^W\|profiler\|_warn_once" "$OUT/profile.txt" | tail -66 | cut -c1-60,150-260 ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;
