@@ -25,9 +25,13 @@ the interpreter only, for that investigation.
 Strides are promised to be multiples of 8 elements when they are (ALIGN8), so tiles load as
 16-byte vectors even where a stride is not a multiple of 16 (h * 72).
 
-Backward: delta = rowsum(dO * O) is computed by the dQ kernel (one program per q block, which
-reads dO and O once anyway), then one dK/dV kernel (one program per key block, self and extra)
-loops over the q blocks.  No atomics anywhere.
+Backward, two ways (BWD_MODE, DIFFAE_ATTN_BWD): "split": delta = rowsum(dO * O) is computed by
+the dQ kernel (one program per q block, which reads dO and O once anyway), then one dK/dV kernel
+(one program per key block, self and extra) loops over the q blocks.  "fused", plain attention
+only: one program per head loops over key blocks and, inside, q blocks, and accumulates dq in an
+fp32 scratch of its own (5 matrix products per tile pair against the split backward's 7); it
+needs heads enough to fill the GPU, so "auto" takes it for short sequences with many heads.  No
+atomics anywhere.
 
 Block sizes are autotuned on the GPU with triton.autotune per (N, M, B*H rounded up to powers of
 two, D, options); cache_results=True keeps the timings in Triton's on-disk cache (~/.triton/cache,
