@@ -96,12 +96,7 @@ def _run(args) -> int:
         f.mode = "views"
         return f
 
-    # "triton" runs the backward that K.BWD_MODE=auto picks; "fused" and "split" force each of the
-    # two backwards (the mode is read when the backward launches, so it is set per contender).
-    bwd_mode = {"triton": "auto", "fused": "fused", "split": "split"}
     impls = {"triton": lambda qkv: K.attention(qkv),
-             "fused": lambda qkv: K.attention(qkv),
-             "split": lambda qkv: K.attention(qkv),
              "flash": sdpa(SDPBackend.FLASH_ATTENTION),
              "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
 
@@ -125,7 +120,6 @@ def _run(args) -> int:
         row = {"B": B, "H": H, "N": N, "D": D}
         outs = {}
         for name, fn in impls.items():
-            K.BWD_MODE = bwd_mode.get(name, "auto")
             try:
                 t_tune = time.perf_counter()
                 o = fn(x)  # first call: compile, autotune
@@ -175,19 +169,15 @@ def _run(args) -> int:
         for a_, b_ in (("triton", "cudnn"), ("triton", "flash"), ("flash", "cudnn")):
             if a_ in outs and b_ in outs:
                 row[f"rel_err_{a_}_vs_{b_}"] = [rel(outs[a_][i], outs[b_][i]) for i in (0, 1)]
-        K.BWD_MODE = "auto"
-        row["auto_backward"] = "fused" if K._plan(qkv, None, None).fused_backward() else "split"
-        for mine in ("triton", "fused", "split"):
-            t = row.get(mine, {})
-            tag = "" if mine == "triton" else f"{mine}_"
-            for base in ("flash", "cudnn"):
-                ref = row.get(base, {})
-                if "fwd_ms" in t and "fwd_ms" in ref:
-                    row[f"speedup_{tag}vs_{base}"] = {m: round(ref[f"{m}_ms"] / t[f"{m}_ms"], 3)
-                                                      for m in ("fwd", "bwd", "fwd_bwd")}
-                if "fwd_graph_ms" in t and "fwd_graph_ms" in ref:
-                    row[f"graph_speedup_{tag}vs_{base}"] = {
-                        m: round(ref[f"{m}_graph_ms"] / t[f"{m}_graph_ms"], 3) for m in ("fwd", "bwd", "fwd_bwd")}
+        t = row.get("triton", {})
+        for base in ("flash", "cudnn"):
+            ref = row.get(base, {})
+            if "fwd_ms" in t and "fwd_ms" in ref:
+                row[f"speedup_vs_{base}"] = {m: round(ref[f"{m}_ms"] / t[f"{m}_ms"], 3)
+                                             for m in ("fwd", "bwd", "fwd_bwd")}
+            if "fwd_graph_ms" in t and "fwd_graph_ms" in ref:
+                row[f"graph_speedup_vs_{base}"] = {m: round(ref[f"{m}_graph_ms"] / t[f"{m}_graph_ms"], 3)
+                                                   for m in ("fwd", "bwd", "fwd_bwd")}
         result["rows"].append(row)
         result["autotuned_configs"] = K.best_configs(timings=True)
         path = write_result("attention", result, args.out)  # rewritten after each shape
@@ -222,9 +212,7 @@ def _run(args) -> int:
             return "/".join(f"{s[m]:.2f}" for m in ("fwd", "bwd", "fwd_bwd")) if s else "n/a"
         for timing, prefix in (("stream", ""), ("graph", "graph_")):
             sf, sc = row.get(f"{prefix}speedup_vs_flash"), row.get(f"{prefix}speedup_vs_cudnn")
-            alt = " ".join(f"{m} vs cudnn {fmt(row.get(f'{prefix}speedup_{m}_vs_cudnn'))}" for m in ("fused", "split"))
-            print(f"{','.join(map(str, shape)):>16}  {timing:>6} {fmt(sf):>16} | {fmt(sc):>16}   "
-                  f"(auto: {row['auto_backward']}; {alt})")
+            print(f"{','.join(map(str, shape)):>16}  {timing:>6} {fmt(sf):>16} | {fmt(sc):>16}")
             if sf:
                 verdict.append((f"{shape} fwd >= flash ({timing})", sf["fwd"] >= 1.0))
                 verdict.append((f"{shape} bwd >= flash ({timing})", sf["bwd"] >= 1.0))

@@ -34,7 +34,7 @@
 #          sweep on the target shapes (the defaults among them), then the benchmark at its best
 #   bash benchmarks/gpu_session3.sh train-profile  # dae-b beside the yardstick; its top kernels (compiled, no graphs)
 #   bash benchmarks/gpu_session3.sh survey  # attention GPU tests; the attention benchmark at all five
-#                                           # shapes (both backwards; stream and CUDA-graph timings);
+#                                           # shapes (stream and CUDA-graph timings);
 #                                           # dae-b's top kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail

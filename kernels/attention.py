@@ -25,13 +25,11 @@ the interpreter only, for that investigation.
 Strides are promised to be multiples of 8 elements when they are (ALIGN8), so tiles load as
 16-byte vectors even where a stride is not a multiple of 16 (h * 72).
 
-Backward, two ways (BWD_MODE, DIFFAE_ATTN_BWD): "split": delta = rowsum(dO * O) is computed by
-the dQ kernel (one program per q block, which reads dO and O once anyway), then one dK/dV kernel
-(one program per key block, self and extra) loops over the q blocks.  "fused", plain attention
-only: one program per head loops over key blocks and, inside, q blocks, and accumulates dq in an
-fp32 scratch of its own (5 matrix products per tile pair against the split backward's 7); it
-needs heads enough to fill the GPU, so "auto" takes it for short sequences with many heads.  No
-atomics anywhere.
+Backward: delta = rowsum(dO * O) is computed by the dQ kernel (one program per q block, which
+reads dO and O once anyway), then one dK/dV kernel (one program per key block, self and extra)
+loops over the q blocks.  No atomics anywhere.  A one-program-per-head backward with an fp32 dq
+scratch was tried and measured slower on the H100 at every benchmarked shape (0.206 against
+0.158 ms at (B, H, N, D) = (64, 12, 256, 64)), so this two-kernel one is kept.
 
 Block sizes are autotuned on the GPU with triton.autotune per (N, M, B*H rounded up to powers of
 two, D, options); cache_results=True keeps the timings in Triton's on-disk cache (~/.triton/cache,
@@ -644,90 +642,6 @@ def _attn_bwd_dkdv_kernel(
                     HEAD_DIM, DH, DT, PAD_D, HAS_TAIL, HAS_NORM, BLOCK_M, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _attn_bwd_fused_kernel(
-    QKV, O, DO, DQKV, LSE, DELTA, DQACC,
-    s_b, s_n, s_3, s_h, o_b, o_n, do_b, do_n, g_b, g_n, g_3, g_h,
-    H, N, M, N_KEY, M_KEY, BH_KEY, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, DH: tl.constexpr, DT: tl.constexpr, PAD_D: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_NORM: tl.constexpr, HAS_EXTRA: tl.constexpr, ALIGN8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # grid (1, B*H): the whole backward of one head in one program, for short sequences with many
-    # heads (plain attention only: no norm, no extra keys, no tail).  The two-kernel backward
-    # computes the scores and dP twice (once for dQ, once for dK/dV): 7 matrix products per tile
-    # pair.  Here key blocks are the outer loop and dQ takes its share of every tile pair as it
-    # goes, 5 products: dq_i += dS_ij k_j accumulates in an fp32 scratch row block DQACC (N, DH)
-    # that only this program touches (so no atomics, and the sums are deterministic), read back
-    # from L2 at the next key block and written as the final dq at the last.
-    s_b, s_n, s_3, s_h = _a8(s_b, ALIGN8), _a8(s_n, ALIGN8), _a8(s_3, ALIGN8), _a8(s_h, ALIGN8)
-    o_b, o_n, do_b, do_n = _a8(o_b, ALIGN8), _a8(o_n, ALIGN8), _a8(do_b, ALIGN8), _a8(do_n, ALIGN8)
-    g_b, g_n, g_3, g_h = _a8(g_b, ALIGN8), _a8(g_n, ALIGN8), _a8(g_3, ALIGN8), _a8(g_h, ALIGN8)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    dtype = DQKV.dtype.element_ty
-    Q = QKV + b * s_b + h * s_h
-    K = Q + s_3
-    V = Q + 2 * s_3
-    DOb = DO + b * do_b + h * HEAD_DIM
-    Ob = O + b * o_b + h * HEAD_DIM
-    LSEb = LSE + bh * N
-    DELTAb = DELTA + bh * N
-    ACC = DQACC + bh.to(tl.int64) * N * DH
-    G = DQKV + b * g_b + h * g_h
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DH)
-    cmask_d = offs_d < HEAD_DIM
-    # delta = rowsum(dO * O) of every query first: each key block reads all of it.
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + offs_m0
-        rmask = offs_m < N
-        do = _load(DOb + offs_m[:, None] * do_n + offs_d[None, :], rmask, cmask_d, True, PAD_D)
-        o = _load(Ob + offs_m[:, None] * o_n + offs_d[None, :], rmask, cmask_d, True, PAD_D)
-        tl.store(DELTAb + offs_m, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=rmask)
-    tl.debug_barrier()  # delta and the dq scratch are written and read by different threads
-    n_kb = tl.cdiv(N, BLOCK_N)
-    for kb in range(0, n_kb):
-        offs_n = kb * BLOCK_N + offs_n0
-        nmask = offs_n < N
-        krows = offs_n[:, None] * s_n
-        k = _load(K + krows + offs_d[None, :], nmask, cmask_d, True, PAD_D)
-        v = _load(V + krows + offs_d[None, :], nmask, cmask_d, True, PAD_D)
-        dk = tl.zeros([BLOCK_N, DH], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, DH], dtype=tl.float32)
-        kb_m = offs_m0 * 0 + kb  # the key block index as a row vector, to mask with
-        keep = kb_m < n_kb - 1  # partial dq back to the scratch; at the last key block, dq out
-        acc_in = kb_m > 0
-        for start_m in range(0, N, BLOCK_M):
-            # Transposed tiles (BLOCK_N, BLOCK_M), as in the dK/dV kernel.  Queries past N load as
-            # zeros (q, dO, delta), keys past N as zero rows: their products vanish, so only the
-            # stores are masked.
-            offs_m = start_m + offs_m0
-            rmask = offs_m < N
-            q = _load(Q + offs_m[:, None] * s_n + offs_d[None, :], rmask, cmask_d, True, PAD_D)
-            do = _load(DOb + offs_m[:, None] * do_n + offs_d[None, :], rmask, cmask_d, True, PAD_D)
-            lse = tl.load(LSEb + offs_m, mask=rmask, other=0.0)
-            delta = tl.load(DELTAb + offs_m, mask=rmask, other=0.0)
-            acc_ptrs = ACC + offs_m[:, None] * DH + offs_d[None, :]
-            dq = tl.load(acc_ptrs, mask=(rmask & acc_in)[:, None], other=0.0)
-            sT = _dot(k, tl.trans(q), None) * qk_scale
-            pT = tl.math.exp2(sT - lse[None, :])
-            dv = _dot(pT.to(dtype), do, dv)
-            dpT = _dot(v, tl.trans(do), None)
-            dsT = (pT * (dpT - delta[None, :])).to(dtype)
-            dk = _dot(dsT, q, dk)
-            dq = _dot(tl.trans(dsT), k, dq)
-            tl.store(acc_ptrs, dq, mask=(rmask & keep)[:, None])
-            gq = G + offs_m[:, None] * g_n + offs_d[None, :]
-            tl.store(gq, (dq * sm_scale).to(dtype), mask=(rmask & ~keep)[:, None] & cmask_d[None, :])
-        drows = offs_n[:, None] * g_n
-        _store_rows(G + g_3 + drows + offs_d[None, :], (dk * sm_scale).to(dtype), nmask, cmask_d, PAD_D)
-        _store_rows(G + 2 * g_3 + drows + offs_d[None, :], dv.to(dtype), nmask, cmask_d, PAD_D)
-        tl.debug_barrier()
-
-
 # ----------------------------------------------------------------------------------------------
 # launch configurations and autotuning
 # ----------------------------------------------------------------------------------------------
@@ -741,15 +655,11 @@ _FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4,
                 (32, 64, 4, 3)]
 _DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
 _DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
-# the one-kernel backward: BLOCK_N keys resident, BLOCK_M queries streamed, as dK/dV
-_BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3),
-                (128, 64, 8, 2)]
 # Untuned defaults (set_attention_autotune(False)), by tile width: the H100's picks at D = 64 and 128.
 _DEFAULT = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dq": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
     "dkdv": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 128, 8, 3)},
-    "bwd": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2)},
 }
 _INTERPRET_BLOCKS = (16, 16)  # tiny tiles: the interpreter is slow and test shapes are tiny
 
@@ -792,9 +702,8 @@ def _tuned(kernel, configs, resident):
 _fwd_tuned = _tuned(_attn_fwd_kernel, _FWD_CONFIGS, "BLOCK_M")
 _dq_tuned = _tuned(_attn_bwd_dq_kernel, _DQ_CONFIGS, "BLOCK_M")
 _dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, "BLOCK_N")
-_bwd_tuned = _tuned(_attn_bwd_fused_kernel, _BWD_CONFIGS, "BLOCK_N")
 _KERNELS = {"fwd": (_attn_fwd_kernel, _fwd_tuned), "dq": (_attn_bwd_dq_kernel, _dq_tuned),
-            "dkdv": (_attn_bwd_dkdv_kernel, _dkdv_tuned), "bwd": (_attn_bwd_fused_kernel, _bwd_tuned)}
+            "dkdv": (_attn_bwd_dkdv_kernel, _dkdv_tuned)}
 
 _chosen: dict[tuple, triton.Config] = {}  # (kernel, autotuner key) -> the config it picked
 _timings: dict[tuple, dict[str, float]] = {}  # the autotuner's median ms per config, for benchmarks
@@ -819,13 +728,6 @@ def best_configs(timings: bool = False) -> dict[str, object]:
 # (72 -> 128).
 _D_MODE = os.environ.get("DIFFAE_ATTN_DMODE", "pad")
 _TAIL_MIN = int(os.environ.get("DIFFAE_ATTN_TAIL_MIN", "16"))
-
-# Which backward runs: "split" (the dQ kernel, then the dK/dV kernel), "fused" (one program per
-# head, _attn_bwd_fused_kernel, plain attention only) or "auto": fused for plain attention over
-# short sequences with heads enough to fill the GPU (FUSED_BWD_MAX_N, FUSED_BWD_MIN_WAVES).
-BWD_MODE = os.environ.get("DIFFAE_ATTN_BWD", "auto")
-FUSED_BWD_MAX_N = 512
-FUSED_BWD_MIN_WAVES = 2  # B*H against the SM count: one program per head must fill the GPU
 
 
 def head_geometry(D: int) -> tuple[int, int, bool]:
@@ -895,18 +797,8 @@ class _Plan:
         self.tune_key = (*self.scalars[3:], D, has_norm, self.has_extra, qkv.dtype, w_dtype,
                          qkv.device.index)
         self.launch: dict[str, tuple] = {}  # kernel -> (grid, kwargs) once its config is known
-        self.plain = not (has_norm or self.has_extra or HAS_TAIL)
-        sms = 1 if _INTERPRET else torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.fused_bwd_fits = self.plain and N <= FUSED_BWD_MAX_N and B * H >= FUSED_BWD_MIN_WAVES * sms
-
-    def fused_backward(self) -> bool:
-        if BWD_MODE not in ("auto", "fused", "split"):
-            raise ValueError(f"DIFFAE_ATTN_BWD must be auto, fused or split, got {BWD_MODE!r}")
-        return self.plain and (BWD_MODE == "fused" or (BWD_MODE == "auto" and self.fused_bwd_fits))
 
     def grid(self, which: str, bm: int, bn: int) -> tuple[int, int]:
-        if which == "bwd":
-            return (1, self.B * self.H)
         if which == "dkdv":
             return (triton.cdiv(self.N, bn) + triton.cdiv(self.M, bn), self.B * self.H)
         return (triton.cdiv(self.N, bm), self.B * self.H)
@@ -1005,10 +897,6 @@ def attention_backward(do, qkv, q_norm_weight, k_norm_weight, kv_extra, o, lse, 
         wq = wk = pwq = pwk = rq = rk = lse
     ds = (do.stride(0), do.stride(1))
     tail = (*p.scalars, p.qk_scale, p.sm_scale)
-    if p.fused_backward():
-        dq_acc = torch.empty((B * H, N, p.DH), device=dev, dtype=torch.float32)
-        p.run("bwd", (qkv, o, do, dqkv, lse, delta, dq_acc, *p.qs, *p.os, *ds, *p.gs, *tail))
-        return dqkv, None if kv_extra is None else torch.zeros_like(kv_extra), None, None
     p.run("dq", (qkv, kvx, o, do, dqkv, lse, delta, rq, rk, wq, wk, pwq,
                  *p.qs, *p.xs, *p.os, *ds, p.gs[0], p.gs[1], p.gs[3], *tail))
     p.run("dkdv", (qkv, kvx, do, dqkv, dkvx, lse, delta, rq, rk, wq, wk, pwk,

@@ -129,35 +129,6 @@ def test_matches_reference(B, N, H, D, dtype, norm, M):
     _check(B, N, H, D, dtype, norm, M)
 
 
-PLAIN_CASES = [c for c in CASES if not c[5] and not c[6]]  # what the one-kernel backward takes
-
-
-def _backward_kernels(monkeypatch, mode):
-    """Sets the backward mode and returns the list that the backward kernels' names go into."""
-    monkeypatch.setattr(K, "BWD_MODE", mode)
-    launched, run = [], K._Plan.run
-    monkeypatch.setattr(K._Plan, "run", lambda self, which, args: launched.append(which) or run(self, which, args))
-    return launched
-
-
-@pytest.mark.parametrize("mode", ["fused", "split"])
-@pytest.mark.parametrize("B,N,H,D,dtype,norm,M", PLAIN_CASES)
-def test_backward_modes_match_reference(monkeypatch, mode, B, N, H, D, dtype, norm, M):
-    launched = _backward_kernels(monkeypatch, mode)
-    _check(B, N, H, D, dtype, norm, M)
-    assert launched[1:] == (["bwd"] if mode == "fused" else ["dq", "dkdv"])
-
-
-def test_fused_backward_only_for_plain_attention(monkeypatch):
-    # QK-norm and extra keys need the two-kernel backward whatever the mode says
-    launched = _backward_kernels(monkeypatch, "fused")
-    _check(1, 17, 2, 64, BF, True, 5)
-    assert launched[1:] == ["dq", "dkdv"]
-    monkeypatch.setattr(K, "BWD_MODE", "fastest")
-    with pytest.raises(ValueError, match="DIFFAE_ATTN_BWD"):
-        _check(1, 17, 2, 64, BF, False, 0)
-
-
 def test_public_entry_point_dispatches_to_kernel(monkeypatch):
     calls = []
     real = K.attention
@@ -246,15 +217,6 @@ def _untuned(monkeypatch):
 @pytest.mark.parametrize("B,N,H,D,dtype,norm,M", GPU_CASES)
 def test_gpu_matches_reference(_untuned, B, N, H, D, dtype, norm, M):
     _check(B, N, H, D, dtype, norm, M)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fused", "split"])
-@pytest.mark.parametrize("B,N,H,D", [(4, 256, 6, 64), (2, 1000, 4, 72), (3, 77, 2, 128), (2, 512, 8, 32)])
-def test_gpu_backward_modes_match_reference(_untuned, monkeypatch, mode, B, N, H, D):
-    launched = _backward_kernels(monkeypatch, mode)
-    _check(B, N, H, D, BF, False, 0)
-    assert launched[1:] == (["bwd"] if mode == "fused" else ["dq", "dkdv"])
 
 
 @pytest.mark.gpu
