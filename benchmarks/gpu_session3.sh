@@ -36,6 +36,10 @@
 #   bash benchmarks/gpu_session3.sh survey  # attention GPU tests; the attention benchmark at all five
 #                                           # shapes (stream and CUDA-graph timings);
 #                                           # dae-b's top kernels (compiled, no graphs)
+#   bash benchmarks/gpu_session3.sh mlp  # extension built: the MLP GPU tests; dae-b's step with the
+#                                        # cuBLASLt GELU epilogues, then with the reference MLP
+#   bash benchmarks/gpu_session3.sh mlp-yardstick  # extension built: dae-b beside the yardstick; its top
+#                                                  # kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DIFFAE_FASHION_MNIST=$PWD/.data/fashion-mnist
@@ -43,7 +47,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$SECONDS
 left() { echo $(( ${1} - (SECONDS - T0) )); }  # seconds left of a budget of $1 from the start
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
-case "${1:-train}" in sample|sample-once) : "${DIFFAE_NO_EXT:=0}" ;; esac  # sampling uses the extension's step kernels
+case "${1:-train}" in sample|sample-once|mlp*) : "${DIFFAE_NO_EXT:=0}" ;; esac  # these use the extension's ops
 DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
   || tail -20 "$OUT/install.log"
 B="--preset dae-b --img 32 --channels 3 --batch 256"
@@ -177,6 +181,17 @@ case "${1:-train}" in
     timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 60 \
       > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler\|_warn_once" "$OUT/profile.txt" | tail -66 | cut -c1-60,150-260 ;;
+  mlp)
+    gpu_tests tests/test_mlp.py
+    timeout "$(left 400)" python3 benchmarks/bench_train.py throughput $B --no-yardstick --results "$OUT" 2>&1 \
+      | grep -v "^W" | tee "$OUT/train-b.log"
+    DIFFAE_BACKEND=gelu_mlp=reference timeout "$(left 585)" python3 benchmarks/bench_train.py throughput $B \
+      --no-yardstick 2>&1 | grep -v "^W" | tee "$OUT/train-b-reference-mlp.log" ;;
+  mlp-yardstick)
+    timeout 360 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
+    timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 45 \
+      > "$OUT/profile.txt" 2>&1
+    grep -v "^W\|profiler\|_warn_once" "$OUT/profile.txt" | tail -50 | cut -c1-60,150-260 ;;
   methods)
     timeout 590 python3 benchmarks/method_suite.py --out /tmp/suite --minutes "${MINUTES:-3.5}" \
       --eval-minutes "${EVAL_MINUTES:-3}" --collect "$OUT" "${@:2}" 2>&1 | tail -45 ;;

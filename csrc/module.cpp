@@ -9,6 +9,12 @@ TORCH_LIBRARY(diffae, m) {
   // coeffs (cx, cd, ce, cp, cn); returns (x_next, x0), both float32.
   m.def("sampler_step(Tensor x, Tensor out, Tensor? prev, Tensor? noise, float alpha, float sigma, int pred, "
         "float clip, float[] coeffs) -> (Tensor, Tensor)");
+  // An MLP's first GEMM with its tanh GELU: x (M, K), weight (N, K), bias (N) -> (gelu(pre), pre),
+  // pre = x weight^T + bias, kept for the backward.
+  m.def("linear_gelu(Tensor x, Tensor weight, Tensor bias) -> (Tensor, Tensor)");
+  // The backward through that GELU from the second GEMM's output gradient: grad (M, C), weight (C, N),
+  // pre (M, N) -> (dpre = (grad weight) * gelu'(pre), dpre summed over rows = the first bias's gradient).
+  m.def("linear_dgelu(Tensor grad, Tensor weight, Tensor pre) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

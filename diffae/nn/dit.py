@@ -108,8 +108,7 @@ class DiT(nn.Module):
         runs under autocast: those weights are then cast once here instead of on every call (a
         kernel and a read of every weight per call, which dominate few-step sampling at small
         batches), and the outputs are unchanged, since autocast rounds them the same way.
-        The AdaLN projections of all blocks and of the final layer become one stacked GEMM, and
-        each MLP's GELU becomes its first GEMM's epilogue.
+        The AdaLN projections of all blocks and of the final layer become one stacked GEMM.
         """
         net = copy.deepcopy(self).eval().requires_grad_(False)
         weight, bias = net._stacked_ada_params()
@@ -119,7 +118,6 @@ class DiT(nn.Module):
         net.stacked_ada = stacked.requires_grad_(False)
         for block in net.blocks:  # the stacked copy is the only one left, so none can go stale
             block.ada = None
-            block.mlp.gelu_epilogue = True
         net.final_ada = None
         if weight_dtype is not None:
             for m in net.modules():

@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
@@ -78,17 +77,9 @@ class Mlp(nn.Module):
         super().__init__()
         hidden = int(dim * ratio)
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        # inference copies (DiT.inference_copy) set it: on CUDA the tanh GELU runs as fc1's cuBLASLt
-        # epilogue, sparing a kernel and a pass over the hidden activations.  Not on the CPU, whose
-        # _addmm_activation computes the erf GELU; and it has no backward, so training keeps the plain path
-        self.gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gelu_epilogue and x.is_cuda:
-            w = self.fc1.weight
-            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]).to(w.dtype), w.t(), use_gelu=True)
-            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return ops.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 def shift_scale(mod: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:

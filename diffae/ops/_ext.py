@@ -13,6 +13,13 @@ def has_sampler_step() -> bool:
     return hasattr(_lib(), "sampler_step")
 
 
+# evaluated eagerly while torch.compile traces: dynamo cannot trace the import, and a loaded
+# extension's ops cannot change within a process
+@torch.compiler.assume_constant_result
+def has_linear_gelu() -> bool:
+    return hasattr(_lib(), "linear_gelu")
+
+
 def sampler_step(x, out, prev, noise, alpha, sigma, pred, clip, coeffs):
     from .sampler_step import PREDICTIONS
     # The kernels take contiguous inputs and fp32 prev/noise (the reference upcasts them the same way);
