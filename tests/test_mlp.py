@@ -196,3 +196,21 @@ def test_cublaslt_path_captures_in_a_cuda_graph(auto_backend):
         out = ops.gelu_mlp(x, *params)
     graph.replay()
     torch.testing.assert_close(out, eager.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_first_call_inside_a_capture_runs_untimed():
+    """A problem first met while a CUDA graph is captured cannot time its candidates: it must run the
+    heuristic's first choice there (and time them at its first call outside)."""
+    g = torch.Generator().manual_seed(8)
+    x, w, b = (torch.randn(s, generator=g).cuda().bfloat16() for s in ((24, 136), (272, 136), (272,)))  # a new shape
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        h, pre = torch.ops.diffae.linear_gelu(x, w, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    h_eager, pre_eager = torch.ops.diffae.linear_gelu(x, w, b)
+    torch.testing.assert_close(pre.float(), pre_eager.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.float(), h_eager.float(), rtol=1e-2, atol=1e-2)
