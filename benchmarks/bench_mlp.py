@@ -6,7 +6,9 @@ Training shapes, bf16: M tokens of width C, hidden 4C.  Every figure is device m
 call, replayed from a CUDA graph (benchmarks.common.graph_ms): what a graph-replayed training step
 pays.  fwd+bwd is the output and the five input gradients (autograd.grad, no accumulation).
 The pieces isolate the epilogues' cost: each fused GEMM beside the plain GEMM of the same shape
-(linear_gelu against F.linear, linear_dgelu against grad @ w2).  DIFFAE_LT_AUTOTUNE=0 in the
+(linear_gelu against F.linear, linear_dgelu against grad @ w2) and beside the compiled unfused
+backward through the GELU (GEMM, then gelu_backward + sum); fused_fwd_unfused_bwd is the fused MLP
+with DIFFAE_MLP_BWD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the
 environment makes the extension take cuBLASLt's first heuristic choice instead of timing its
 candidates.  JSON goes to <out>/<gpu-slug>-mlp.json.
 """
@@ -41,6 +43,12 @@ def main() -> int:
         print("bench_mlp: diffae._C has no linear_gelu (build: DIFFAE_NO_EXT=0 pip install -e .)", file=sys.stderr)
         return 1
     compiled = torch.compile(gelu_mlp_reference)
+
+    @torch.compile
+    def compiled_dgelu(grad, w2, pre):  # the unfused backward through the GELU, as Inductor runs it
+        dpre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
+        return dpre, dpre.sum(0)
+
     rows = []
     with torch.cuda.stream(torch.cuda.Stream()):  # graph_ms captures on the current stream
         for M, C in SHAPES:
@@ -58,6 +66,15 @@ def main() -> int:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
 
+            def unfused_bwd(fn):  # DIFFAE_MLP_BWD=unfused while fn runs
+                def run():
+                    os.environ["DIFFAE_MLP_BWD"] = "unfused"
+                    try:
+                        return fn()
+                    finally:
+                        os.environ.pop("DIFFAE_MLP_BWD")
+                return run
+
             w1, b1, w2, _ = (p.detach() for p in params)
             xd = x.detach()
             pre = F.linear(xd, w1, b1)
@@ -65,11 +82,13 @@ def main() -> int:
             with torch.no_grad():
                 timings = {
                     "fused_fwd_bwd": fwd_bwd(ops.gelu_mlp),
+                    "fused_fwd_unfused_bwd_fwd_bwd": unfused_bwd(fwd_bwd(ops.gelu_mlp)),
                     "compiled_fwd_bwd": fwd_bwd(compiled),
                     "linear_gelu": lambda: torch.ops.diffae.linear_gelu(xd, w1, b1),
                     "linear_plain": lambda: F.linear(xd, w1, b1),
                     "linear_dgelu": lambda: torch.ops.diffae.linear_dgelu(grad, w2, pre),
                     "mm_plain": lambda: grad @ w2,
+                    "mm_gelu_backward_sum": lambda: compiled_dgelu(grad, w2, pre),
                 }
                 for name, fn in timings.items():
                     with torch.enable_grad() if name.endswith("fwd_bwd") else torch.no_grad():

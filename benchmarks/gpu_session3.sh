@@ -38,8 +38,9 @@
 #                                           # dae-b's top kernels (compiled, no graphs)
 #   bash benchmarks/gpu_session3.sh mlp  # extension built: the MLP GPU tests; dae-b's step with the
 #                                        # cuBLASLt GELU epilogues, then with the reference MLP
-#   bash benchmarks/gpu_session3.sh mlp-bench  # extension built: MLP GPU tests; bench_mlp.py with cuBLASLt's
-#          candidates timed (each printed), then with its first choice; dae-b's step fused, then reference
+#   bash benchmarks/gpu_session3.sh mlp-bench  # extension built: MLP GPU tests; bench_mlp.py (cuBLASLt's
+#          candidates' times printed); dae-b's step with the epilogue backward, then with the unfused
+#          backward (DIFFAE_MLP_BWD=unfused) beside the yardstick
 #   bash benchmarks/gpu_session3.sh mlp-yardstick  # extension built: dae-b beside the yardstick; its top
 #                                                  # kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
@@ -192,11 +193,11 @@ case "${1:-train}" in
   mlp-bench)
     gpu_tests tests/test_mlp.py
     DIFFAE_LT_AUTOTUNE=verbose timeout 150 python3 benchmarks/bench_mlp.py --out "$OUT" > "$OUT/mlp.log" 2>&1; tail -12 "$OUT/mlp.log"
-    DIFFAE_LT_AUTOTUNE=0 timeout 120 python3 benchmarks/bench_mlp.py --out "$OUT" 2>&1 | tee "$OUT/mlp-no-autotune.log" | tail -3
-    timeout "$(left 440)" python3 benchmarks/bench_train.py throughput $B --no-yardstick --results "$OUT" 2>&1 \
+    timeout "$(left 330)" python3 benchmarks/bench_train.py throughput $B --no-yardstick --results "$OUT" 2>&1 \
       | grep "^{" | tee "$OUT/train-b.log"
-    DIFFAE_BACKEND=gelu_mlp=reference timeout "$(left 585)" python3 benchmarks/bench_train.py throughput $B \
-      --no-yardstick 2>&1 | grep "^{" | tee "$OUT/train-b-reference-mlp.log" ;;
+    DIFFAE_MLP_BWD=unfused timeout "$(left 590)" python3 benchmarks/bench_train.py throughput $B 2>&1 \
+      | grep -v "^W" | tee "$OUT/train-b-unfused-bwd.log"
+    (cd "$OUT" && tar cf logs.tar ./*.log gpu.txt && rm ./*.log gpu.txt) ;;  # few files come back
   mlp-yardstick)
     timeout 360 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
     timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 45 \

@@ -1,7 +1,7 @@
 // CUDA implementations of diffae::linear_gelu and diffae::linear_dgelu (module.cpp has the schemas,
 // linear_gelu.cpp the composite reference): one cuBLASLt matmul each, the GELU (forward) or its
-// gradient and the bias gradient (backward) computed in the GEMM's epilogue, so the MLP's hidden
-// activations make no extra pass through memory.  Host code only: it lives in a .cu file so that
+// gradient (backward) computed in the GEMM's epilogue, sparing the MLP's hidden activations a pass
+// through memory each.  Host code only: it lives in a .cu file so that
 // CPU-only builds leave it out.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -237,6 +237,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cuda(const at::Tensor& x, const a
 
 // dpre = (g w) * gelu_tanh'(pre) and dbias = dpre summed over rows, for g (M, C), w (C, N), pre (M, N):
 // the backward of y = linear_gelu(x, w1, b1)[0] w^T through the second GEMM's input gradient.
+// The bias gradient is a separate reduction: cuBLASLt's DGELU_BGRAD epilogue, which would fold it in,
+// ran at 180 TFLOP/s on an H100 (every candidate), against 610 for the plain GEMM.
 std::tuple<at::Tensor, at::Tensor> linear_dgelu_cuda(const at::Tensor& g, const at::Tensor& w, const at::Tensor& pre) {
   check_inputs("linear_dgelu", {{"grad", &g}, {"weight", &w}, {"pre", &pre}});
   TORCH_CHECK(g.dim() == 2 && w.dim() == 2 && pre.dim() == 2 && w.size(0) == g.size(1) && pre.size(0) == g.size(0) &&
@@ -247,13 +249,12 @@ std::tuple<at::Tensor, at::Tensor> linear_dgelu_cuda(const at::Tensor& g, const 
   TORCH_CHECK(N % 8 == 0 && C % 8 == 0, "linear_dgelu: N = ", N, " and C = ", C, " must be multiples of 8");
   const c10::cuda::CUDAGuard guard(g.device());
   auto dpre = at::empty({M, N}, g.options());
-  auto dbias = at::empty({N}, g.options());
-  if (M == 0) return {dpre, dbias.zero_()};
+  if (M == 0) return {dpre, at::zeros({N}, g.options())};
   // column-major: dpre^T (N x M) = w^T (N x C, stored as is) * g^T (C x M)
-  run({false, N, M, C, N, C, CUBLASLT_EPILOGUE_DGELU_BGRAD, w.data_ptr(), g.data_ptr(), dpre.data_ptr(),
-       pre.data_ptr(), dbias.data_ptr()},
+  run({false, N, M, C, N, C, CUBLASLT_EPILOGUE_DGELU, w.data_ptr(), g.data_ptr(), dpre.data_ptr(), pre.data_ptr(),
+       nullptr},
       g.scalar_type());
-  return {dpre, dbias};
+  return {dpre, dpre.sum(0)};
 }
 
 }  // namespace

@@ -90,6 +90,12 @@ def test_fused_path_matches_reference_cpu(fused_on_cpu, shape, dtype):
     _compare(x, _params(shape[-1], 4 * shape[-1], "cpu"), dtype=dtype, what=f"{shape} {dtype}")
 
 
+def test_unfused_backward_matches_reference_cpu(fused_on_cpu, monkeypatch):
+    monkeypatch.setenv("DIFFAE_MLP_BWD", "unfused")
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(9))
+    _compare(x, _params(16, 64, "cpu"), what="unfused backward")
+
+
 def test_fused_path_under_autocast_cpu(fused_on_cpu):
     x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(3))
     _compare(x, _params(16, 64, "cpu"), autocast=True, what="autocast")

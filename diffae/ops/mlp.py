@@ -2,15 +2,18 @@
 
 Unfused, the hidden activations (4x the width) make three extra passes through memory per step:
 the GELU's forward, its backward and the first bias's gradient, each a separate kernel.  The
-extension's cuBLASLt ops fold them into GEMM epilogues: linear_gelu writes gelu(pre) and keeps pre
-for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's input gradient, multiplies
-it by gelu'(pre) and reduces the first bias's gradient in the same kernel (DGELU_BGRAD).  Without
+extension's cuBLASLt ops fold the GELU into GEMM epilogues: linear_gelu writes gelu(pre) and keeps
+pre for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's input gradient times
+gelu'(pre) (DGELU), then the first bias's gradient.  DIFFAE_MLP_BWD=unfused runs that backward as a
+plain GEMM and gelu_backward + sum instead, which torch.compile fuses into one pass.  Without
 autograd, the forward needs no pre: torch's own GELU epilogue (_addmm_activation) runs instead.
 
 Under autocast every operand is cast to autocast's dtype first, as F.linear would be, so the
 fused and the reference path see the same inputs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +63,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad, _grad_h, _grad_pre):
     x, w1, w2, h, pre = ctx.saved_tensors
     grad = grad.contiguous()
-    dpre, db1 = torch.ops.diffae.linear_dgelu(grad, w2, pre)
+    if os.environ.get("DIFFAE_MLP_BWD", "epilogue") == "unfused":
+        dpre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
+        db1 = dpre.sum(0)
+    else:
+        dpre, db1 = torch.ops.diffae.linear_dgelu(grad, w2, pre)
     return dpre @ w1, dpre.t() @ x, db1, grad.t() @ h, grad.sum(0)
 
 
