@@ -41,7 +41,7 @@
 #   bash benchmarks/gpu_session3.sh mlp-bench  # extension built: MLP GPU tests; bench_mlp.py (cuBLASLt's
 #          candidates' times printed); dae-b's step with the epilogue backward, then with the unfused
 #          backward (DIFFAE_MLP_BWD=unfused) beside the yardstick
-#   bash benchmarks/gpu_session3.sh mlp-yardstick  # extension built: dae-b beside the yardstick; its top
+#   bash benchmarks/gpu_session3.sh mlp-yardstick  # extension built: MLP GPU tests; dae-b beside the yardstick; its top
 #                                                  # kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
 set -uo pipefail
@@ -199,6 +199,7 @@ case "${1:-train}" in
       | grep -v "^W" | tee "$OUT/train-b-unfused-bwd.log"
     (cd "$OUT" && tar cf logs.tar ./*.log gpu.txt && rm ./*.log gpu.txt) ;;  # few files come back
   mlp-yardstick)
+    gpu_tests tests/test_mlp.py
     timeout 360 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/train-b.log"
     timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 45 \
       > "$OUT/profile.txt" 2>&1

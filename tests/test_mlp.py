@@ -184,7 +184,8 @@ def test_cublaslt_ops_match_their_formulas():
     dpre, db = torch.ops.diffae.linear_dgelu(grad, w2, pre)
     expect = torch.ops.aten.gelu_backward(grad.float() @ w2.float(), pre.float(), approximate="tanh")
     torch.testing.assert_close(dpre.float(), expect, rtol=1.6e-2, atol=2e-2)
-    torch.testing.assert_close(db.float(), expect.sum(0), rtol=1.6e-2, atol=0.3)
+    # the bias gradient sums the returned (rounded) dpre, as PyTorch's addmm backward does
+    torch.testing.assert_close(db.float(), dpre.float().sum(0), rtol=8e-3, atol=1e-3)
 
 
 @pytest.mark.gpu
