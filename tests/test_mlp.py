@@ -173,6 +173,22 @@ def test_cublaslt_path_matches_reference(auto_backend, shape, hidden, dtype, aut
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_epilogue_is_the_tanh_gelu(auto_backend, dtype):
+    """Without autograd the forward is torch's GELU epilogue (no pre kept), which must agree with the
+    tanh-GELU reference as closely as PyTorch's own 16-bit evaluation does."""
+    x = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(10)).cuda()  # 74 rows: not a tile multiple
+    params = _params(96, 384, "cuda")
+    exact = gelu_mlp_reference(x.double(), *[p.double() for p in params])
+    x, params = x.to(dtype), [p.to(dtype) for p in params]
+    with torch.no_grad():
+        plain = gelu_mlp_reference(x, *params)
+        fused = ops.gelu_mlp(x, *params)
+    err, ref_err = (fused.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-5 * exact.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.gpu
 def test_cublaslt_ops_match_their_formulas():
     g = torch.Generator().manual_seed(7)
     x, w, b = (torch.randn(s, generator=g).cuda().bfloat16() for s in ((300, 64), (256, 64), (256,)))

@@ -185,25 +185,6 @@ def test_fold_z_scale_is_the_multiplicative_scale():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gelu_epilogue_is_the_tanh_gelu(dtype):
-    from diffae.nn.layers import Mlp
-    torch.manual_seed(0)
-    mlp = Mlp(96, 4.0).cuda().to(dtype)
-    x = torch.randn(2, 37, 96, device="cuda", dtype=dtype)  # token count not a multiple of the tile
-    exact = mlp.double()(x.double())
-    mlp.to(dtype)
-    with torch.no_grad():
-        plain = mlp(x)
-        mlp.gelu_epilogue = True
-        fused = mlp(x)
-    err_fused, err_plain = (fused.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
-    print(f"GELU epilogue {dtype}: max error {err_fused:.2e}, plain path {err_plain:.2e}")
-    # the erf GELU differs from the tanh one by up to ~5e-4: an fp32 bound that catches a swap
-    assert err_fused <= 2 * err_plain + (1e-5 if dtype == torch.float32 else 1e-3)
-
-
-@pytest.mark.gpu
 def test_inference_copy_with_bf16_weights_matches_autocast():
     """bf16-stored weights are what autocast would cast them to, and the GELU epilogue rounds once
     where autocast rounds twice: against fp32, the copy's error is at most autocast's own."""
