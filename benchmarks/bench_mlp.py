@@ -8,9 +8,9 @@ pays.  fwd+bwd is the output and the five input gradients (autograd.grad, no acc
 The pieces isolate the epilogues' cost: each fused GEMM beside the plain GEMM of the same shape
 (linear_gelu against F.linear, linear_dgelu against grad @ w2) and beside the compiled unfused
 backward through the GELU (GEMM, then gelu_backward + sum); fused_fwd_unfused_bwd is the fused MLP
-with DIFFAE_MLP_BWD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the
-environment makes the extension take cuBLASLt's first heuristic choice instead of timing its
-candidates.  JSON goes to <out>/<gpu-slug>-mlp.json.
+with DIFFAE_MLP_BWD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the environment makes the extension take
+cuBLASLt's first heuristic choice instead of timing its candidates (=verbose prints each one's
+time).  JSON goes to <out>/<gpu-slug>-mlp.json (-mlp-no-autotune.json with =0).
 """
 from __future__ import annotations
 

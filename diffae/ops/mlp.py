@@ -27,11 +27,13 @@ def gelu_mlp_reference(x, w1, b1, w2, b2):
 
 
 def _check(x, w1, b1, w2, b2) -> None:
-    C = x.shape[-1]
     if x.dim() < 2:
         raise ValueError(f"gelu_mlp: x must be (..., C), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if w1.dim() != 2 or w1.shape[1] != C:
+        raise ValueError(f"gelu_mlp: w1 must be (hidden, C) = (hidden, {C}) for x of width {C}, got {tuple(w1.shape)}")
     N = w1.shape[0]
-    for name, t, shape in (("w1", w1, (N, C)), ("b1", b1, (N,)), ("w2", w2, (C, N)), ("b2", b2, (C,))):
+    for name, t, shape in (("b1", b1, (N,)), ("w2", w2, (C, N)), ("b2", b2, (C,))):
         if tuple(t.shape) != shape:
             raise ValueError(f"gelu_mlp: {name} must be {shape} for x of width {C} and hidden width {N}, "
                              f"got {tuple(t.shape)}")
