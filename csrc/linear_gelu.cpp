@@ -3,24 +3,22 @@
 // their Meta kernels: output shapes only, which is what torch.compile traces with.
 #include <torch/extension.h>
 
+#include "linear_gelu.h"
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && b.dim() == 1 && w.size(1) == x.size(1) && b.size(0) == w.size(0),
-              "linear_gelu: expected x (M, K), weight (N, K), bias (N), got ", x.sizes(), ", ", w.sizes(), ", ",
-              b.sizes());
+  diffae::check_linear_gelu_shapes(x, w, b);
   auto pre = at::addmm(b, x, w.t());
   return {at::gelu(pre, "tanh"), pre};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_dgelu_cpu(const at::Tensor& g, const at::Tensor& w, const at::Tensor& pre) {
-  TORCH_CHECK(g.dim() == 2 && w.dim() == 2 && pre.dim() == 2 && w.size(0) == g.size(1) && pre.size(0) == g.size(0) &&
-                  pre.size(1) == w.size(1),
-              "linear_dgelu: expected grad (M, C), weight (C, N), pre (M, N), got ", g.sizes(), ", ", w.sizes(), ", ",
-              pre.sizes());
-  // in fp32, rounded once at the end, as the fused epilogue does
-  auto dpre = at::gelu_backward(at::mm(g, w).to(at::kFloat), pre.to(at::kFloat), "tanh");
-  return {dpre.to(g.scalar_type()), dpre.sum(0).to(g.scalar_type())};
+  diffae::check_linear_dgelu_shapes(g, w, pre);
+  // in fp32, rounded once, as the DGELU epilogue does; the bias gradient sums the rounded values, as
+  // the CUDA kernel (and PyTorch's own addmm backward) does
+  auto dpre = at::gelu_backward(at::mm(g, w).to(at::kFloat), pre.to(at::kFloat), "tanh").to(g.scalar_type());
+  return {dpre, dpre.sum(0)};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor&) {
