@@ -27,22 +27,16 @@ from diffae.ops import _backend  # noqa: E402
 from diffae.ops.mlp import gelu_mlp_reference  # noqa: E402
 
 @pytest.fixture
-def fused_on_cpu():
+def fused_on_cpu(monkeypatch):
     """The fused path on CPU tensors: the extension's composite kernels behind the same autograd op."""
-    saved = _backend.forced_backend("gelu_mlp")
-    _backend.set_backend("cuda", op="gelu_mlp")
-    yield
-    _backend.set_backend(saved, op="gelu_mlp")
+    monkeypatch.setitem(_backend._forced_ops, "gelu_mlp", "cuda")
 
 
 @pytest.fixture
-def auto_backend():
-    saved, saved_op = _backend.forced_backend(), _backend.forced_backend("gelu_mlp")
-    _backend.set_backend(None)
-    _backend.set_backend(None, op="gelu_mlp")
-    yield
-    _backend.set_backend(saved)
-    _backend.set_backend(saved_op if saved_op != saved else None, op="gelu_mlp")
+def auto_backend(monkeypatch):
+    """Automatic choice, whatever DIFFAE_BACKEND says."""
+    monkeypatch.setattr(_backend, "_forced", None)
+    monkeypatch.delitem(_backend._forced_ops, "gelu_mlp", raising=False)
 
 
 def _params(C, N, device, seed=0):
