@@ -403,14 +403,12 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, ok: torch.Tensor | None = None) -> None:
+        """One multi-tensor launch over every parameter (FSDP's local shards when sharded); weight 0
+        on a skipped step (ok False) leaves the EMA exactly as it was."""
         decay = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))  # warm start
-        ema_p = [p for p in self.ema.parameters()]
-        model_p = [p.detach() for p in self.model.parameters()]
-        if ok is None:
-            torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-        else:  # weight 0 on a skipped step leaves the EMA exactly as it was
-            w = ok.float() * (1.0 - decay)
-            torch._foreach_lerp_(ema_p, model_p, [w] * len(ema_p))
+        ema_p = [sharding.local(p) for p in self.ema.parameters()]
+        model_p = [sharding.local(p.detach()) for p in self.model.parameters()]
+        ops.multi_tensor_lerp_(ema_p, model_p, 1.0 - decay, ok)
 
     def _check_nonfinite(self) -> tuple[int, int]:
         """(longest run of non-finite steps since the last check, total); one small sync.
