@@ -2,10 +2,13 @@
 
 Unfused, the hidden activations (4x the width) make three extra passes through memory per step:
 the GELU's forward, its backward and the first bias's gradient, each a separate kernel.  The
-extension's cuBLASLt ops fold the GELU into GEMM epilogues: linear_gelu writes gelu(pre) and keeps
+extension's cuBLASLt ops fold them into GEMM epilogues: linear_gelu writes gelu(pre) and keeps
 pre for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's input gradient times
-gelu'(pre) (DGELU), then the first bias's gradient.  DIFFAE_MLP_BWD=unfused runs that backward as a
-plain GEMM and gelu_backward + sum instead, which torch.compile fuses into one pass.  Without
+gelu'(pre) (DGELU); linear_wgrad computes each layer's weight gradient and sums its bias gradient
+over the same rows (BGRADB), so no bias gradient reads an activation gradient a second time.
+DIFFAE_MLP_BWD=unfused runs the GELU's backward as a plain GEMM and gelu_backward instead, which
+torch.compile fuses with what follows; DIFFAE_MLP_WGRAD=unfused runs the weight gradients as plain
+GEMMs and their bias gradients as separate sums.  Without
 autograd, the forward needs no pre: torch's own GELU epilogue (_addmm_activation) runs instead.
 
 Under autocast every operand is cast to autocast's dtype first, as F.linear would be, so the
@@ -62,15 +65,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, h, pre)
 
 
+def _weight_grads(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's (weight, bias) gradients from its output gradient and input."""
+    if os.environ.get("DIFFAE_MLP_WGRAD", "epilogue") == "unfused":
+        return grad.t() @ x, grad.sum(0)
+    return torch.ops.diffae.linear_wgrad(grad, x)  # the bias's sum in the GEMM's epilogue
+
+
 def _backward(ctx, grad, _grad_h, _grad_pre):
     x, w1, w2, h, pre = ctx.saved_tensors
     grad = grad.contiguous()
     if os.environ.get("DIFFAE_MLP_BWD", "epilogue") == "unfused":
         dpre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
-        db1 = dpre.sum(0)
     else:
-        dpre, db1 = torch.ops.diffae.linear_dgelu(grad, w2, pre)
-    return dpre @ w1, dpre.t() @ x, db1, grad.t() @ h, grad.sum(0)
+        dpre = torch.ops.diffae.linear_dgelu(grad, w2, pre)
+    dw1, db1 = _weight_grads(dpre, x)
+    dw2, db2 = _weight_grads(grad, h)
+    return dpre @ w1, dw1, db1, dw2, db2
 
 
 _gelu_mlp_op.register_autograd(_backward, setup_context=_setup)
