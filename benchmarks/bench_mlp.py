@@ -9,7 +9,7 @@ The pieces isolate the epilogues' cost: each fused GEMM beside the plain GEMM of
 (linear_gelu against F.linear, linear_dgelu against grad @ w2, linear_wgrad against dpre^T @ x) and
 beside its compiled unfused form (GEMM, then gelu_backward; GEMM and the bias's sum);
 fused_fwd_unfused_bwd and fused_unfused_wgrad are the fused MLP with DIFFAE_MLP_BWD=unfused and
-DIFFAE_MLP_WGRAD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the environment makes the extension take
+DIFFAE_WGRAD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the environment makes the extension take
 cuBLASLt's first heuristic choice instead of timing its candidates (=verbose prints each one's
 time).  JSON goes to <out>/<gpu-slug>-mlp.json (-mlp-no-autotune.json with =0).
 """
@@ -40,7 +40,7 @@ def main() -> int:
     from diffae import ops
     from diffae.ops import _ext
     from diffae.ops.mlp import gelu_mlp_reference
-    if not _ext.has_linear_gelu():
+    if not _ext.has_gemm_epilogues():
         print("bench_mlp: diffae._C has no linear_gelu (build: DIFFAE_NO_EXT=0 pip install -e .)", file=sys.stderr)
         return 1
     compiled = torch.compile(gelu_mlp_reference)
@@ -70,7 +70,7 @@ def main() -> int:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
 
-            def unfused(variable, fn):  # DIFFAE_MLP_BWD or DIFFAE_MLP_WGRAD =unfused while fn runs
+            def unfused(variable, fn):  # DIFFAE_MLP_BWD or DIFFAE_WGRAD =unfused while fn runs
                 def run():
                     os.environ[variable] = "unfused"
                     try:
@@ -88,7 +88,7 @@ def main() -> int:
                 timings = {
                     "fused_fwd_bwd": fwd_bwd(ops.gelu_mlp),
                     "fused_fwd_unfused_bwd_fwd_bwd": unfused("DIFFAE_MLP_BWD", fwd_bwd(ops.gelu_mlp)),
-                    "fused_unfused_wgrad_fwd_bwd": unfused("DIFFAE_MLP_WGRAD", fwd_bwd(ops.gelu_mlp)),
+                    "fused_unfused_wgrad_fwd_bwd": unfused("DIFFAE_WGRAD", fwd_bwd(ops.gelu_mlp)),
                     "compiled_fwd_bwd": fwd_bwd(compiled),
                     "linear_gelu": lambda: torch.ops.diffae.linear_gelu(xd, w1, b1),
                     "linear_plain": lambda: F.linear(xd, w1, b1),

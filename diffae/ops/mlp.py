@@ -7,9 +7,9 @@ pre for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's in
 gelu'(pre) (DGELU); linear_wgrad computes each layer's weight gradient and sums its bias gradient
 over the same rows (BGRADB), so no bias gradient reads an activation gradient a second time.
 DIFFAE_MLP_BWD=unfused runs the GELU's backward as a plain GEMM and gelu_backward instead, which
-torch.compile fuses with what follows; DIFFAE_MLP_WGRAD=unfused runs the weight gradients as plain
-GEMMs and their bias gradients as separate sums.  Without
-autograd, the forward needs no pre: torch's own GELU epilogue (_addmm_activation) runs instead.
+torch.compile fuses with what follows; DIFFAE_WGRAD=unfused runs the weight gradients as plain
+GEMMs and their bias gradients as separate sums (ops.linear).  Without autograd, the forward
+needs no pre: torch's own GELU epilogue (_addmm_activation) runs instead.
 
 Under autocast every operand is cast to autocast's dtype first, as F.linear would be, so the
 fused and the reference path see the same inputs.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import _ext
 from ._backend import forced_backend, use_extension
+from .linear import weight_grads
 
 
 def gelu_mlp_reference(x, w1, b1, w2, b2):
@@ -65,13 +66,6 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, h, pre)
 
 
-def _weight_grads(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear layer's (weight, bias) gradients from its output gradient and input."""
-    if os.environ.get("DIFFAE_MLP_WGRAD", "epilogue") == "unfused":
-        return grad.t() @ x, grad.sum(0)
-    return torch.ops.diffae.linear_wgrad(grad, x)  # the bias's sum in the GEMM's epilogue
-
-
 def _backward(ctx, grad, _grad_h, _grad_pre):
     x, w1, w2, h, pre = ctx.saved_tensors
     grad = grad.contiguous()
@@ -79,8 +73,8 @@ def _backward(ctx, grad, _grad_h, _grad_pre):
         dpre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
     else:
         dpre = torch.ops.diffae.linear_dgelu(grad, w2, pre)
-    dw1, db1 = _weight_grads(dpre, x)
-    dw2, db2 = _weight_grads(grad, h)
+    dw1, db1 = weight_grads(dpre, x)
+    dw2, db2 = weight_grads(grad, h)
     return dpre @ w1, dw1, db1, dw2, db2
 
 
@@ -105,7 +99,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     if on_cuda and not grad:
         h = torch._addmm_activation(b1, x2, w1.t(), use_gelu=True)  # cuBLASLt's GELU is the tanh one
         return torch.addmm(b2, h, w2.t()).view(x.shape[:-1] + (C,))
-    if not _ext.has_linear_gelu():
+    if not _ext.has_gemm_epilogues():
         return gelu_mlp_reference(x, w1, b1, w2, b2)
     out = _gelu_mlp_op(x2.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2)[0]
     return out.view(x.shape[:-1] + (C,))
