@@ -1,3 +1,4 @@
+import copy
 import importlib
 import json
 
@@ -146,3 +147,33 @@ def test_gpu_cuda_graph_training_follows_the_plain_compiled_run(micro_cfg, tmp_p
     assert torch.isfinite(l1).all() and l1[-1] < l1[0]
     torch.testing.assert_close(l1, l0, rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(w1, w0, rtol=1e-3, atol=1e-4)
+
+
+def test_grad_clip_is_clip_grad_norm_inside_adamw(micro_cfg, tmp_path):
+    """Clipping by fused AdamW's grad_scale must give clip_grad_norm_ followed by the step.  Checked
+    at the second step: at the first, Adam's update does not depend on the gradients' scale."""
+    trainer = Trainer(micro_cfg.override(["train.grad_clip=0.01"]), synthetic(n=32), tmp_path, quiet=True)
+    trainer.fit(steps=1)
+    real_step, expected = trainer.opt.step, {}
+
+    def reference(clip: bool) -> list[torch.Tensor]:
+        params = [p.detach().clone().requires_grad_() for p in trainer.params]
+        for q, p in zip(params, trainer.params):
+            q.grad = p.grad.clone()
+        opt = torch.optim.AdamW(params, fused=True)
+        # the same moments, lr and decay (a copy: loading may share the step counters)
+        opt.load_state_dict(copy.deepcopy(trainer.opt.state_dict()))
+        if clip:
+            assert torch.nn.utils.clip_grad_norm_(params, 0.01) > 0.01  # clipping engages
+        opt.step()
+        return params
+
+    def step():
+        expected["clipped"], expected["unclipped"] = reference(True), reference(False)
+        real_step()
+    trainer.opt.step = step
+    trainer.train_step()
+    for p, c, u in zip(trainer.params, expected["clipped"], expected["unclipped"]):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-5, atol=1e-7)
+    moved = [(c - u).abs().max().item() for c, u in zip(expected["clipped"], expected["unclipped"])]
+    assert max(moved) > 1e-5  # the test would see clipping dropped

@@ -82,7 +82,8 @@ def autocast(device: torch.device, enabled: bool):
 
 def make_optimizer(params, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """Fused AdamW (CPU and CUDA): one kernel per step, and it honours `opt.found_inf`, a device
-    flag that skips the whole update, which is how non-finite steps are skipped without a sync."""
+    flag that skips the whole update, which is how non-finite steps are skipped without a sync, and
+    `opt.grad_scale`, a device divisor of every gradient, which is how gradients are clipped."""
     t = cfg.train
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                              fused=device.type in ("cuda", "cpu"))
@@ -382,13 +383,14 @@ class Trainer:
             losses = losses / accum
         distributed.mean_(losses, self.world)
         with nvtx_range("optimizer"):
+            norm = sharding.whole(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
             if t.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                # clip_grad_norm_'s scaling, applied by fused AdamW as it reads each gradient (it divides
+                # them by grad_scale) instead of in a pass of its own over every gradient
+                self.opt.grad_scale = torch.clamp((norm + 1e-6) / t.grad_clip, min=1.0)
             # a NaN/Inf anywhere in the loss or the gradients makes this False, on the device; the
             # gradients are reduced and the loss averaged over ranks, so every rank agrees
-            ok = torch.isfinite(sharding.whole(norm)) & torch.isfinite(losses[0])
+            ok = torch.isfinite(norm) & torch.isfinite(losses[0])
             self.opt.found_inf = (~ok).float()  # fused AdamW skips the update when it is 1
             self.opt.step()
         with nvtx_range("ema"):
