@@ -6,10 +6,9 @@ Training shapes, bf16: M tokens of width C, hidden 4C.  Every figure is device m
 call, replayed from a CUDA graph (benchmarks.common.graph_ms): what a graph-replayed training step
 pays.  fwd+bwd is the output and the five input gradients (autograd.grad, no accumulation).
 The pieces isolate the epilogues' cost: each fused GEMM beside the plain GEMM of the same shape
-(linear_gelu against F.linear, linear_dgelu against grad @ w2, linear_wgrad against dpre^T @ x) and
-beside its compiled unfused form (GEMM, then gelu_backward; GEMM and the bias's sum);
-fused_fwd_unfused_bwd and fused_unfused_wgrad are the fused MLP with DIFFAE_MLP_BWD=unfused and
-DIFFAE_WGRAD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the environment makes the extension take
+(linear_gelu against F.linear, linear_dgelu against grad @ w2) and beside the compiled unfused
+backward through the GELU (GEMM, then gelu_backward); fused_fwd_unfused_bwd is the fused MLP with
+DIFFAE_MLP_BWD=unfused.  DIFFAE_LT_AUTOTUNE=0 in the environment makes the extension take
 cuBLASLt's first heuristic choice instead of timing its candidates (=verbose prints each one's
 time).  JSON goes to <out>/<gpu-slug>-mlp.json (-mlp-no-autotune.json with =0).
 """
@@ -40,7 +39,7 @@ def main() -> int:
     from diffae import ops
     from diffae.ops import _ext
     from diffae.ops.mlp import gelu_mlp_reference
-    if not _ext.has_gemm_epilogues():
+    if not _ext.has_linear_gelu():
         print("bench_mlp: diffae._C has no linear_gelu (build: DIFFAE_NO_EXT=0 pip install -e .)", file=sys.stderr)
         return 1
     compiled = torch.compile(gelu_mlp_reference)
@@ -48,10 +47,6 @@ def main() -> int:
     @torch.compile
     def compiled_dgelu(grad, w2, pre):  # the unfused backward through the GELU, as Inductor runs it
         return torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
-
-    @torch.compile
-    def compiled_wgrad(dpre, x):  # a weight gradient and its bias's, as Inductor runs them
-        return dpre.t() @ x, dpre.sum(0)
 
     rows = []
     with torch.cuda.stream(torch.cuda.Stream()):  # graph_ms captures on the current stream
@@ -70,40 +65,35 @@ def main() -> int:
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
 
-            def unfused(variable, fn):  # DIFFAE_MLP_BWD or DIFFAE_WGRAD =unfused while fn runs
+            def unfused_bwd(fn):  # DIFFAE_MLP_BWD=unfused while fn runs
                 def run():
-                    os.environ[variable] = "unfused"
+                    os.environ["DIFFAE_MLP_BWD"] = "unfused"
                     try:
                         return fn()
                     finally:
-                        os.environ.pop(variable)
+                        os.environ.pop("DIFFAE_MLP_BWD")
                 return run
 
             w1, b1, w2, _ = (p.detach() for p in params)
             xd = x.detach()
             pre = F.linear(xd, w1, b1)
-            dpre = torch.randn(M, N, device="cuda", generator=g).bfloat16()
             row = {"M": M, "C": C, "N": N}
             with torch.no_grad():
                 timings = {
                     "fused_fwd_bwd": fwd_bwd(ops.gelu_mlp),
-                    "fused_fwd_unfused_bwd_fwd_bwd": unfused("DIFFAE_MLP_BWD", fwd_bwd(ops.gelu_mlp)),
-                    "fused_unfused_wgrad_fwd_bwd": unfused("DIFFAE_WGRAD", fwd_bwd(ops.gelu_mlp)),
+                    "fused_fwd_unfused_bwd_fwd_bwd": unfused_bwd(fwd_bwd(ops.gelu_mlp)),
                     "compiled_fwd_bwd": fwd_bwd(compiled),
                     "linear_gelu": lambda: torch.ops.diffae.linear_gelu(xd, w1, b1),
                     "linear_plain": lambda: F.linear(xd, w1, b1),
                     "linear_dgelu": lambda: torch.ops.diffae.linear_dgelu(grad, w2, pre),
                     "mm_plain": lambda: grad @ w2,
                     "mm_gelu_backward": lambda: compiled_dgelu(grad, w2, pre),
-                    "linear_wgrad": lambda: torch.ops.diffae.linear_wgrad(dpre, xd),
-                    "mm_wgrad_plain": lambda: dpre.t() @ xd,
-                    "mm_wgrad_sum": lambda: compiled_wgrad(dpre, xd),
                 }
                 for name, fn in timings.items():
                     with torch.enable_grad() if name.endswith("fwd_bwd") else torch.no_grad():
                         row[f"{name}_ms"] = round(graph_ms(fn, args.rep), 4)
             gemm_flop = 2 * M * N * C
-            for name in ("linear_gelu", "linear_plain", "linear_dgelu", "mm_plain", "linear_wgrad", "mm_wgrad_plain"):
+            for name in ("linear_gelu", "linear_plain", "linear_dgelu", "mm_plain"):
                 row[f"{name}_TFLOPs"] = round(gemm_flop / row[f"{name}_ms"] / 1e9, 1)
             row["fwd_bwd_speedup"] = round(row["compiled_fwd_bwd_ms"] / row["fused_fwd_bwd_ms"], 3)
             print({k: v for k, v in row.items()}, flush=True)

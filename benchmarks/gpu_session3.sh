@@ -41,9 +41,8 @@
 #   bash benchmarks/gpu_session3.sh mlp-bench  # extension built: MLP GPU tests; bench_mlp.py (cuBLASLt's
 #          candidates' times printed); dae-b's step with the epilogue backward, then with the unfused
 #          backward (DIFFAE_MLP_BWD=unfused) beside the yardstick
-#   bash benchmarks/gpu_session3.sh mlp-ab  # extension built: GEMM-epilogue and EMA GPU tests; bench_ema.py,
-#          bench_mlp.py; dae-b's step (no yardstick) with every GEMM epilogue, with DIFFAE_WGRAD=unfused,
-#          without ops.linear's, and without any (reference linear and MLP)
+#   bash benchmarks/gpu_session3.sh mlp-ab  # extension built: MLP and EMA GPU tests; bench_ema.py,
+#          bench_mlp.py; dae-b's step (no yardstick) with the fused MLP, then with the reference MLP
 #   bash benchmarks/gpu_session3.sh mlp-yardstick  # extension built: MLP GPU tests; dae-b beside the yardstick; its top
 #                                                  # kernels (compiled, no graphs)
 # Expects .yardstick (train) and .data/fashion-mnist (methods) carried into the checkout.
@@ -207,13 +206,12 @@ case "${1:-train}" in
     timeout "$(left 585)" python3 benchmarks/profile_train.py $B --compile-mode default --out /tmp/prof --rows 45 \
       > "$OUT/profile.txt" 2>&1
     grep -v "^W\|profiler\|_warn_once" "$OUT/profile.txt" | tail -50 | cut -c1-60,150-260 ;;
-  mlp-ab)  # GEMM-epilogue and EMA GPU tests; bench_ema, bench_mlp; dae-b's step with and without the epilogues
-    gpu_tests tests/test_mlp.py tests/test_linear.py tests/test_multi_tensor.py
+  mlp-ab)  # MLP and EMA GPU tests; bench_ema, bench_mlp; dae-b's step with and without the fused MLP
+    gpu_tests tests/test_mlp.py tests/test_multi_tensor.py
     timeout 60 python3 benchmarks/bench_ema.py --out "$OUT" 2>&1 | grep -v "^W" | tee "$OUT/ema.log"
     timeout 150 python3 benchmarks/bench_mlp.py --out "$OUT" > "$OUT/mlp.log" 2>&1; tail -4 "$OUT/mlp.log"
-    for v in epilogues DIFFAE_WGRAD=unfused DIFFAE_BACKEND=linear=reference \
-             DIFFAE_BACKEND=linear=reference,gelu_mlp=reference; do
-      env $([ $v = epilogues ] || echo $v) timeout "$(left 590)" python3 benchmarks/bench_train.py throughput $B \
+    for v in fused DIFFAE_BACKEND=gelu_mlp=reference; do
+      env $([ $v = fused ] || echo $v) timeout "$(left 590)" python3 benchmarks/bench_train.py throughput $B \
         --no-yardstick 2>&1 | grep "^{" | sed "s|^|$v |" | tee -a "$OUT/train-b-variants.log"
     done ;;
   methods)

@@ -1,4 +1,4 @@
-// diffae::linear_gelu, linear_dgelu and linear_wgrad on the CPU, the composite reference that
+// diffae::linear_gelu and diffae::linear_dgelu on the CPU, the composite reference that
 // linear_gelu_cuda.cu fuses into cuBLASLt epilogues (same contract, checked by the same tests), and
 // their Meta kernels: output shapes only, which is what torch.compile traces with.
 #include <torch/extension.h>
@@ -19,11 +19,6 @@ at::Tensor linear_dgelu_cpu(const at::Tensor& g, const at::Tensor& w, const at::
   return at::gelu_backward(at::mm(g, w).to(at::kFloat), pre.to(at::kFloat), "tanh").to(g.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_wgrad_cpu(const at::Tensor& g, const at::Tensor& x) {
-  diffae::check_linear_wgrad_shapes(g, x);
-  return {at::mm(g.t(), x), g.sum(0)};  // the bias gradient summed in fp32, rounded once, as BGRADB does
-}
-
 std::tuple<at::Tensor, at::Tensor> linear_gelu_meta(const at::Tensor& x, const at::Tensor& w, const at::Tensor&) {
   auto h = at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options());
   return {h, at::empty_like(h)};
@@ -33,20 +28,14 @@ at::Tensor linear_dgelu_meta(const at::Tensor& g, const at::Tensor& w, const at:
   return at::empty_symint({g.sym_size(0), w.sym_size(1)}, g.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_wgrad_meta(const at::Tensor& g, const at::Tensor& x) {
-  return {at::empty_symint({g.sym_size(1), x.sym_size(1)}, g.options()), at::empty_symint({g.sym_size(1)}, g.options())};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffae, CPU, m) {
   m.impl("linear_gelu", &linear_gelu_cpu);
   m.impl("linear_dgelu", &linear_dgelu_cpu);
-  m.impl("linear_wgrad", &linear_wgrad_cpu);
 }
 
 TORCH_LIBRARY_IMPL(diffae, Meta, m) {
   m.impl("linear_gelu", &linear_gelu_meta);
   m.impl("linear_dgelu", &linear_dgelu_meta);
-  m.impl("linear_wgrad", &linear_wgrad_meta);
 }

@@ -1,4 +1,4 @@
-// The shapes diffae::linear_gelu, linear_dgelu and linear_wgrad accept, checked alike by their CPU
+// The shapes diffae::linear_gelu and diffae::linear_dgelu accept, checked alike by their CPU
 // (linear_gelu.cpp) and CUDA (linear_gelu_cuda.cu) kernels.
 #pragma once
 #include <torch/extension.h>
@@ -18,12 +18,6 @@ inline void check_linear_dgelu_shapes(const at::Tensor& g, const at::Tensor& w, 
                   pre.size(1) == w.size(1),
               "linear_dgelu: expected grad (M, C), weight (C, N), pre (M, N), got ", g.sizes(), ", ", w.sizes(), ", ",
               pre.sizes());
-}
-
-// grad (M, N), x (M, K)
-inline void check_linear_wgrad_shapes(const at::Tensor& g, const at::Tensor& x) {
-  TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && g.size(0) == x.size(0),
-              "linear_wgrad: expected grad (M, N) and x (M, K), got ", g.sizes(), ", ", x.sizes());
 }
 
 }  // namespace diffae

@@ -1,7 +1,7 @@
-// CUDA implementations of diffae::linear_gelu, linear_dgelu and linear_wgrad (module.cpp has the
-// schemas, linear_gelu.cpp the composite reference): one cuBLASLt matmul each, the GELU (forward),
-// its gradient or a bias gradient (backward) computed in the GEMM's epilogue, sparing the MLP's
-// hidden activations a pass through memory each.  Host code only: it lives in a .cu file so that
+// CUDA implementations of diffae::linear_gelu and diffae::linear_dgelu (module.cpp has the schemas,
+// linear_gelu.cpp the composite reference): one cuBLASLt matmul each, the GELU (forward) or its
+// gradient (backward) computed in the GEMM's epilogue, sparing the MLP's hidden activations a pass
+// through memory each.  Host code only: it lives in a .cu file so that
 // CPU-only builds leave it out.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -116,12 +116,11 @@ int fastest(const cublasLtMatmulHeuristicResult_t* results, int found, const Mat
   return best;
 }
 
-// D (m x n, column-major, leading dimension m) = op(A) (m x k) * op(B) (k x n), plus `epilogue`,
-// which reads or writes `aux` (m x n, leading dimension m) and `bias` (m; n for BGRADB).  Row-major
-// PyTorch matrices are the transposes of column-major ones, which is how the callers below map
-// their products.
+// D (m x n, column-major, leading dimension m) = op(A) (m x k) * B (k x n), plus `epilogue`, which
+// reads or writes `aux` (m x n, leading dimension m) and `bias` (m).  Row-major PyTorch matrices
+// are the transposes of column-major ones, which is how the callers below map their products.
 struct Gemm {
-  bool transa, transb;
+  bool transa;
   int64_t m, n, k, lda, ldb;
   cublasLtEpilogue_t epilogue;
   const void *a, *b;
@@ -133,7 +132,7 @@ void run(const Gemm& g, at::ScalarType dtype) {
   const cudaDataType_t type = dtype == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   cublasLtMatmulDesc_t desc;
   check(api.desc_create(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
-  const cublasOperation_t opa = g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, opb = g.transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t opa = g.transa ? CUBLAS_OP_T : CUBLAS_OP_N, opb = CUBLAS_OP_N;
   const int64_t aux_ld = g.m;
   check(api.desc_set(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)), "set TRANSA");
   check(api.desc_set(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)), "set TRANSB");
@@ -145,17 +144,16 @@ void run(const Gemm& g, at::ScalarType dtype) {
   cublasLtMatrixLayout_t la, lb, ld;
   check(g.transa ? api.layout_create(&la, type, g.k, g.m, g.lda) : api.layout_create(&la, type, g.m, g.k, g.lda),
         "MatrixLayoutCreate A");
-  check(g.transb ? api.layout_create(&lb, type, g.n, g.k, g.ldb) : api.layout_create(&lb, type, g.k, g.n, g.ldb),
-        "MatrixLayoutCreate B");
+  check(api.layout_create(&lb, type, g.k, g.n, g.ldb), "MatrixLayoutCreate B");
   check(api.layout_create(&ld, type, g.m, g.n, g.m), "MatrixLayoutCreate D");
 
   // The heuristic query and the timing of its candidates: once per problem and alignment.
-  using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint32_t, uint32_t, uint32_t,
+  using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint32_t, uint32_t, uint32_t,
                          uint32_t, uint32_t>;
   static std::map<Key, cublasLtMatmulAlgo_t> algos;
   static std::mutex mutex;
   const uint32_t al_a = alignment(g.a), al_b = alignment(g.b), al_d = alignment(g.d);
-  const Key key{c10::cuda::current_device(), g.transa * 2 + g.transb, g.m, g.n, g.k, g.lda, g.ldb, static_cast<int>(g.epilogue) * 4 +
+  const Key key{c10::cuda::current_device(), g.transa, g.m, g.n, g.k, g.lda, g.ldb, static_cast<int>(g.epilogue) * 4 +
                 (dtype == at::kBFloat16), al_a, al_b, al_d, alignment(g.aux), alignment(g.bias)};
   // From the caching allocator, on the current stream: safe under CUDA-graph capture.
   auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)},
@@ -231,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cuda(const at::Tensor& x, const a
   auto pre = at::empty({M, N}, x.options());
   if (M == 0) return {h, pre};
   // column-major: h^T (N x M) = w (N x K, stored as w^T) * x^T (K x M)
-  run({true, false, N, M, K, K, K, CUBLASLT_EPILOGUE_GELU_AUX_BIAS, w.data_ptr(), x.data_ptr(), h.data_ptr(),
+  run({true, N, M, K, K, K, CUBLASLT_EPILOGUE_GELU_AUX_BIAS, w.data_ptr(), x.data_ptr(), h.data_ptr(),
        pre.data_ptr(), b.data_ptr()},
       x.scalar_type());
   return {h, pre};
@@ -239,8 +237,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cuda(const at::Tensor& x, const a
 
 // dpre = (g w) * gelu_tanh'(pre) for g (M, C), w (C, N), pre (M, N): the backward of
 // y = linear_gelu(x, w1, b1)[0] w^T through the second GEMM's input gradient.  The first bias's
-// gradient comes from linear_wgrad's epilogue: cuBLASLt's DGELU_BGRAD, which would reduce it here,
-// ran at 179 TFLOP/s on an H100 (every candidate), against 610 for the plain GEMM.
+// gradient is left to a separate sum: cuBLASLt's DGELU_BGRAD, which would reduce it here, ran at
+// 179 TFLOP/s on an H100 (every candidate) against 610 for the plain GEMM, and BGRADB in the weight
+// gradient's GEMM at 498 against 679 (0.62 ms against 0.57 for the plain GEMM and the sum).
 at::Tensor linear_dgelu_cuda(const at::Tensor& g, const at::Tensor& w, const at::Tensor& pre) {
   check_inputs("linear_dgelu", {{"grad", &g}, {"weight", &w}, {"pre", &pre}});
   diffae::check_linear_dgelu_shapes(g, w, pre);
@@ -250,29 +249,10 @@ at::Tensor linear_dgelu_cuda(const at::Tensor& g, const at::Tensor& w, const at:
   auto dpre = at::empty({M, N}, g.options());
   if (M == 0) return dpre;
   // column-major: dpre^T (N x M) = w^T (N x C, stored as is) * g^T (C x M)
-  run({false, false, N, M, C, N, C, CUBLASLT_EPILOGUE_DGELU, w.data_ptr(), g.data_ptr(), dpre.data_ptr(),
-       pre.data_ptr(), nullptr},
+  run({false, N, M, C, N, C, CUBLASLT_EPILOGUE_DGELU, w.data_ptr(), g.data_ptr(), dpre.data_ptr(), pre.data_ptr(),
+       nullptr},
       g.scalar_type());
   return dpre;
-}
-
-// (dW, db) = (g^T x, g summed over rows) for g (M, N), x (M, K): a linear layer's weight and bias
-// gradients, the bias's reduced over the GEMM's k = M in its epilogue (BGRADB) instead of by a
-// second pass over g.
-std::tuple<at::Tensor, at::Tensor> linear_wgrad_cuda(const at::Tensor& g, const at::Tensor& x) {
-  check_inputs("linear_wgrad", {{"grad", &g}, {"x", &x}});
-  diffae::check_linear_wgrad_shapes(g, x);
-  const int64_t M = g.size(0), N = g.size(1), K = x.size(1);
-  TORCH_CHECK(N % 8 == 0 && K % 8 == 0, "linear_wgrad: N = ", N, " and K = ", K, " must be multiples of 8");
-  const c10::cuda::CUDAGuard guard(g.device());
-  auto dw = at::empty({N, K}, g.options());
-  auto db = at::empty({N}, g.options());
-  if (M == 0) return {dw.zero_(), db.zero_()};
-  // column-major: dW^T (K x N) = x^T (K x M, stored as is) * g (M x N, stored as g^T)
-  run({false, true, K, N, M, K, N, CUBLASLT_EPILOGUE_BGRADB, x.data_ptr(), g.data_ptr(), dw.data_ptr(), nullptr,
-       db.data_ptr()},
-      g.scalar_type());
-  return {dw, db};
 }
 
 }  // namespace
@@ -280,5 +260,4 @@ std::tuple<at::Tensor, at::Tensor> linear_wgrad_cuda(const at::Tensor& g, const 
 TORCH_LIBRARY_IMPL(diffae, CUDA, m) {
   m.impl("linear_gelu", &linear_gelu_cuda);
   m.impl("linear_dgelu", &linear_dgelu_cuda);
-  m.impl("linear_wgrad", &linear_wgrad_cuda);
 }

@@ -15,9 +15,6 @@ TORCH_LIBRARY(diffae, m) {
   // The backward through that GELU from the second GEMM's output gradient: grad (M, C), weight (C, N),
   // pre (M, N) -> dpre = (grad weight) * gelu'(pre).
   m.def("linear_dgelu(Tensor grad, Tensor weight, Tensor pre) -> Tensor");
-  // A linear layer's weight and bias gradients in one GEMM: grad (M, N), x (M, K) ->
-  // (grad^T x (N, K), grad summed over rows (N)).
-  m.def("linear_wgrad(Tensor grad, Tensor x) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

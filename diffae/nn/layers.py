@@ -66,10 +66,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_extra: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias).view(B, N, 3, self.heads, self.head_dim)  # packed
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # packed, no permute
         if kv_extra is not None:
             kv_extra = kv_extra.to(qkv.dtype)
-        return ops.linear(ops.attention(qkv, self.q_norm, self.k_norm, kv_extra), self.proj.weight, self.proj.bias)
+        return self.proj(ops.attention(qkv, self.q_norm, self.k_norm, kv_extra))
 
 
 class Mlp(nn.Module):

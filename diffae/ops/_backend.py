@@ -21,8 +21,8 @@ log = logging.getLogger("diffae.ops")
 
 _availability: dict[str, tuple[bool, str]] = {}
 _VALID = ("reference", "triton", "cuda")
-OPS = ("attention", "adaln_modulate", "gated_residual", "gated_residual_adaln", "gelu_mlp", "linear",
-       "sampler_step", "multi_tensor_lerp")
+OPS = ("attention", "adaln_modulate", "gated_residual", "gated_residual_adaln", "gelu_mlp", "sampler_step",
+       "multi_tensor_lerp")
 _logged: set[tuple[str, str]] = set()
 
 

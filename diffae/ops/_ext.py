@@ -16,9 +16,8 @@ def has_sampler_step() -> bool:
 # evaluated eagerly while torch.compile traces: dynamo cannot trace the import, and a loaded
 # extension's ops cannot change within a process
 @torch.compiler.assume_constant_result
-def has_gemm_epilogues() -> bool:
-    """linear_gelu, linear_dgelu and linear_wgrad (a build older than the last lacks linear_wgrad)."""
-    return all(hasattr(_lib(), op) for op in ("linear_gelu", "linear_dgelu", "linear_wgrad"))
+def has_linear_gelu() -> bool:
+    return hasattr(_lib(), "linear_gelu")
 
 
 def sampler_step(x, out, prev, noise, alpha, sigma, pred, clip, coeffs):

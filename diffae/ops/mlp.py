@@ -2,14 +2,14 @@
 
 Unfused, the hidden activations (4x the width) make three extra passes through memory per step:
 the GELU's forward, its backward and the first bias's gradient, each a separate kernel.  The
-extension's cuBLASLt ops fold them into GEMM epilogues: linear_gelu writes gelu(pre) and keeps
-pre for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's input gradient times
-gelu'(pre) (DGELU); linear_wgrad computes each layer's weight gradient and sums its bias gradient
-over the same rows (BGRADB), so no bias gradient reads an activation gradient a second time.
+extension's cuBLASLt ops fold two of them into GEMM epilogues: linear_gelu writes gelu(pre) and
+keeps pre for the backward (GELU_AUX_BIAS); linear_dgelu computes the second GEMM's input gradient
+times gelu'(pre) (DGELU).  The first bias's gradient stays a separate sum: cuBLASLt's epilogues
+that fold it in (DGELU_BGRAD; BGRADB in the weight gradient's GEMM) ran slower on an H100 than the
+plain GEMM and the sum together (benchmarks/results/session17, session18).
 DIFFAE_MLP_BWD=unfused runs the GELU's backward as a plain GEMM and gelu_backward instead, which
-torch.compile fuses with what follows; DIFFAE_WGRAD=unfused runs the weight gradients as plain
-GEMMs and their bias gradients as separate sums (ops.linear).  Without autograd, the forward
-needs no pre: torch's own GELU epilogue (_addmm_activation) runs instead.
+torch.compile fuses with the bias's sum.  Without autograd, the forward needs no pre: torch's own
+GELU epilogue (_addmm_activation) runs instead.
 
 Under autocast every operand is cast to autocast's dtype first, as F.linear would be, so the
 fused and the reference path see the same inputs.
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from . import _ext
 from ._backend import forced_backend, use_extension
-from .linear import weight_grads
 
 
 def gelu_mlp_reference(x, w1, b1, w2, b2):
@@ -73,9 +72,7 @@ def _backward(ctx, grad, _grad_h, _grad_pre):
         dpre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate="tanh")
     else:
         dpre = torch.ops.diffae.linear_dgelu(grad, w2, pre)
-    dw1, db1 = weight_grads(dpre, x)
-    dw2, db2 = weight_grads(grad, h)
-    return dpre @ w1, dw1, db1, dw2, db2
+    return dpre @ w1, dpre.t() @ x, dpre.sum(0), grad.t() @ h, grad.sum(0)
 
 
 _gelu_mlp_op.register_autograd(_backward, setup_context=_setup)
@@ -99,7 +96,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     if on_cuda and not grad:
         h = torch._addmm_activation(b1, x2, w1.t(), use_gelu=True)  # cuBLASLt's GELU is the tanh one
         return torch.addmm(b2, h, w2.t()).view(x.shape[:-1] + (C,))
-    if not _ext.has_gemm_epilogues():
+    if not _ext.has_linear_gelu():
         return gelu_mlp_reference(x, w1, b1, w2, b2)
     out = _gelu_mlp_op(x2.contiguous(), w1.contiguous(), b1, w2.contiguous(), b2)[0]
     return out.view(x.shape[:-1] + (C,))
