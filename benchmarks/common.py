@@ -78,9 +78,8 @@ def ceilings() -> dict:
     y = torch.empty_like(x)
     copy_tbps = 2 * x.numel() * 2 / time_ms(lambda: y.copy_(x)) / 1e9
     del x, y
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn_like(a)
-    mm_tflops = 2 * 8192 ** 3 / time_ms(lambda: a @ b) / 1e9
+    from diffae.engine.flops import measure_matmul_flops  # the trainer's MFU denominator too
+    mm_tflops = measure_matmul_flops(torch.device("cuda")) / 1e12
     return {"copy_TBps": round(copy_tbps, 3), "bf16_matmul_TFLOPs": round(mm_tflops, 1)}
 
 
