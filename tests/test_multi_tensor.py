@@ -111,9 +111,9 @@ def test_other_layouts_take_the_reference(backend):
     (lambda d, s: (d, s, torch.ones(2)), "one-element float or bool tensor"),
 ])
 def test_bad_input_is_named(bad, message):
-    dst, src = _lists("cpu")
+    dst, src, weight = bad(*_lists("cpu"))
     with pytest.raises((ValueError, TypeError), match=message):
-        ops.multi_tensor_lerp_(*bad(dst, src)[:2], 0.5, bad(dst, src)[2])
+        ops.multi_tensor_lerp_(dst, src, 0.5, weight)
 
 
 @pytest.mark.gpu
