@@ -6,6 +6,7 @@ plug in without touching model code.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -21,11 +22,22 @@ def gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) else None
 
 
+# DIFFAE_NESTED_BLOCKS=1: under torch.compile every AdaLN block is one nested compile region,
+# traced and compiled once and reused by the blocks after it.  Off by default: on an H100 it cut
+# dae-b's cold first compile from 80.2 to 65.9 s but ran the step 1 % slower (2731 against 2760
+# img/s; benchmarks/results/session19), a good trade only for short runs.
+NESTED_BLOCKS = os.environ.get("DIFFAE_NESTED_BLOCKS", "0") == "1"
+
+
 def run_block(block: nn.Module, checkpointed: bool, *args) -> torch.Tensor:
     """block(*args); with activation checkpointing, only the block's inputs are kept for the
     backward pass, which recomputes the rest (non-reentrant: works under torch.compile and DDP)."""
     if checkpointed and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
+    if NESTED_BLOCKS and torch.compiler.is_compiling() and isinstance(block, AdaLNBlock):
+        # a region's inputs must not alias each other, and the modulations are views of one tensor
+        x, h, mod, next_mod, kv = args
+        return _block_region(block, x, h, mod.clone(), None if next_mod is None else next_mod.clone(), kv)
     return block(*args)
 
 
@@ -135,3 +147,6 @@ class AdaLNBlock(nn.Module):
         if next_mod is None:
             return ops.gated_residual(x, gate2, y), None
         return ops.gated_residual_adaln(x, gate2, y, *shift_scale(next_mod, C), out_dtype=out_dtype)
+
+
+_block_region = torch.compiler.nested_compile_region(AdaLNBlock.forward)
