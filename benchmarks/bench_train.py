@@ -118,6 +118,14 @@ def yardstick(a, compiled: bool) -> dict:
     return json.loads(lines[-1])
 
 
+def compile_phases(top: int = 16) -> dict[str, float]:
+    """The compiler's seconds per phase so far (Dynamo's own timers, nested phases counted inside
+    their parents), longest first: where a cold compile goes."""
+    from torch._dynamo.utils import compilation_time_metrics
+    totals = {name: round(sum(times), 1) for name, times in compilation_time_metrics.items()}
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
+
+
 def throughput(a, world: distributed.World, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     ceil = ceilings() if cuda else {}  # before the model: memory figures are the train step's alone
@@ -128,7 +136,7 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
     cfg = trainer.cfg
     t0 = time.perf_counter()
     trainer.train_step()
-    trainer.train_step()
+    second_loss = float(trainer.train_step()[0])  # now: a graph replay overwrites its outputs
     _sync(device)
     first = time.perf_counter() - t0
     for _ in range(a.warmup):
@@ -145,8 +153,11 @@ def throughput(a, world: distributed.World, device: torch.device) -> dict:
            "compile_mode": trainer.compile_mode,
            "img_per_s": round(img_per_s, 1), "step_ms": round(1e3 * step_s, 2),
            "first_two_steps_s": round(first, 1), "compile_s": round(max(first - 2 * step_s, 0.0), 1),
+           "second_step_loss": second_loss,
            "train_GFLOP_per_img": round(flops_per_image / 1e9, 2), "mfu": None if mfu is None else round(mfu, 4),
            "params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1)}
+    if trainer.compiled:
+        rec["compile_phases_s"] = compile_phases()
     if cuda:
         rec["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)  # per GPU
         rec["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)

@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_session3.sh memory # GPU tests of the AdaLN kernels and the model; dae-b's compiled
 #                                          # step beside the yardstick, then with the attention kernels'
 #                                          # fixed configs; every compile on cold caches
+#   bash benchmarks/gpu_session3.sh compile  # dae-b's cold first compile beside the yardstick, compiler
+#                                            # phases timed; again with nested compile regions per block
 #   bash benchmarks/gpu_session3.sh small  # GPU tests (the step's sync-free check among them); mldae's
 #                                          # training step timed alone and under the profiler
 #   bash benchmarks/gpu_session3.sh graphs # GPU training tests; dae-b's compiled step (train.compile_mode=auto:
@@ -52,7 +54,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$SECONDS
 left() { echo $(( ${1} - (SECONDS - T0) )); }  # seconds left of a budget of $1 from the start
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
-case "${1:-train}" in sample|sample-once|mlp*) : "${DIFFAE_NO_EXT:=0}" ;; esac  # these use the extension's ops
+case "${1:-train}" in sample|sample-once|mlp*|compile) : "${DIFFAE_NO_EXT:=0}" ;; esac  # these use the extension's ops
 DIFFAE_NO_EXT=${DIFFAE_NO_EXT:-1} python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
   || tail -20 "$OUT/install.log"
 B="--preset dae-b --img 32 --channels 3 --batch 256"
@@ -118,6 +120,14 @@ case "${1:-train}" in
       | tee "$OUT/train-b.log")
     (cold 2; DIFFAE_ATTN_AUTOTUNE=0 timeout "$(left 580)" python3 benchmarks/bench_train.py throughput $B \
       --no-yardstick 2>&1 | grep "^{" | tee "$OUT/train-fixed-attn-configs.log") ;;
+  compile)  # dae-b's first compile on cold caches beside the yardstick (the compiler's phases timed),
+            # then again with every AdaLN block a nested compile region (DIFFAE_NESTED_BLOCKS=1)
+    cold() { local d; d=$(mktemp -d /tmp/cold-XXXX)  # new each time: a warm machine keeps old ones
+             export TORCHINDUCTOR_CACHE_DIR=$d/inductor TRITON_CACHE_DIR=$d/triton; }
+    (cold 1; timeout 330 python3 benchmarks/bench_train.py throughput $B --results "$OUT" 2>&1 | grep -v "^W" \
+      | tee "$OUT/train-b.log")
+    (cold 2; DIFFAE_NESTED_BLOCKS=1 timeout "$(left 585)" python3 benchmarks/bench_train.py throughput $B \
+      --no-yardstick 2>&1 | grep -v "^W" | tail -30 | tee "$OUT/train-nested.log") ;;
   small)
     gpu_tests tests/test_training.py tests/test_adaln.py tests/test_model.py
     timeout 200 python3 benchmarks/bench_train.py throughput --preset mldae --img 28 --channels 1 --batch 256 \
