@@ -58,7 +58,6 @@ def test_loss_compiles_without_graph_breaks_on_dae_tiny(sets):
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-
 def test_nested_block_regions_give_the_same_loss_and_gradients(monkeypatch):
     """DIFFAE_NESTED_BLOCKS: every AdaLN block as one nested compile region.  The graph must call
     the region (invoke_subgraph) instead of inlining the blocks, and give the eager loss and
@@ -90,6 +89,7 @@ def test_nested_block_regions_give_the_same_loss_and_gradients(monkeypatch):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=0)
     for name, g in _grads(model).items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
 
 def test_loss_with_triton_kernels_traces_as_one_graph(micro_cfg):
     """The same with the Triton backend forced (interpreted on the CPU) under bf16 autocast, so the
