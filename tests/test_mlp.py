@@ -112,6 +112,14 @@ def test_fused_path_compiles_without_graph_breaks(fused_on_cpu):
     _compare(x, _params(16, 64, "cpu"), fn=compiled, what="compiled")
 
 
+def test_missing_extension_falls_back_without_a_graph_break(fused_on_cpu, monkeypatch):
+    # the fallback's one-time log message, met while tracing, must not split the graph
+    monkeypatch.setenv("DIFFAE_NO_EXT", "1")
+    monkeypatch.setattr(_backend, "_logged", set())
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(ops.gelu_mlp, fullgraph=True, backend="aot_eager")
+    _compare(x, _params(16, 64, "cpu"), fn=compiled, what="compiled, no extension")
+
 def test_extension_ops_match_their_formulas_cpu():
     g = torch.Generator().manual_seed(5)
     x, w, b = torch.randn(7, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)

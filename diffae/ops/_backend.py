@@ -152,6 +152,8 @@ def use_extension(op: str, *tensors: torch.Tensor) -> bool:
 
 
 def _log_fallback(op: str, why: str) -> None:
+    if torch.compiler.is_compiling():
+        return  # a log call would split the graph; `diffae info` says what is missing and why
     if (op, why) not in _logged:
         _logged.add((op, why))
         log.info("diffae.ops.%s: using the PyTorch reference (%s)", op, why)
