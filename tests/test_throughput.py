@@ -34,6 +34,15 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _recording_aot_eager(targets: list):
+    """aot_eager that appends the name of every function its graphs call to `targets`."""
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    return backend
+
+
 # --- torch.compile: one graph ------------------------------------------------------------------
 @pytest.mark.parametrize("sets", [[], ["encoder.view_min_area=0.5", "encoder.view_flip=true"]],
                          ids=["x0", "views"])
@@ -69,11 +78,7 @@ def test_nested_block_regions_give_the_same_loss_and_gradients(monkeypatch):
     x0 = synthetic(n=4).images
     noise = model.draw_noise(4, "cpu", torch.Generator().manual_seed(0))
     targets = []
-
-    def recording_backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        from torch._dynamo.backends.debugging import aot_eager
-        return aot_eager(gm, example_inputs)
+    recording_backend = _recording_aot_eager(targets)
 
     monkeypatch.setattr(layers, "NESTED_BLOCKS", True)
     torch._dynamo.reset()
@@ -100,11 +105,7 @@ def test_loss_with_triton_kernels_traces_as_one_graph(micro_cfg):
     x0 = synthetic(n=2).images.to(dev)
     noise = model.draw_noise(2, dev, torch.Generator(dev).manual_seed(0))
     targets = []
-
-    def recording_backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        from torch._dynamo.backends.debugging import aot_eager
-        return aot_eager(gm, example_inputs)
+    recording_backend = _recording_aot_eager(targets)
 
     torch._dynamo.reset()
     _backend.triton_status()  # probed eagerly (an import is not traceable)
