@@ -229,7 +229,7 @@ def cmd_eval(a) -> None:
         fd_steps=a.fd_steps and tuple(a.fd_steps), recon_n=a.recon_n,
         recon_steps=a.recon_steps and tuple(a.recon_steps), probe_t=a.probe_t and tuple(a.probe_t),
         samplers=a.samplers and tuple(a.samplers), sections=a.sections and tuple(a.sections),
-        seed=a.seed).items() if v is not None}
+        seed=a.seed, denoiser_readout=not a.no_denoiser_readout).items() if v is not None}
     evaluate(a.ckpt, a.out, EvalOptions(**opts), overwrite=a.overwrite)
     print(f"wrote {Path(a.out) / 'results.json'}, {Path(a.out) / 'results.md'} and PNGs")
 
@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="detail control: t at which a time-dependent encoder is probed")
     ev.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
                     help="only these of representation detail reconstruction figures generation (default: all)")
+    ev.add_argument("--no-denoiser-readout", action="store_true",
+                    help="representation: skip probing the denoiser's own features (chosen t and block)")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=cmd_eval)
 

@@ -63,6 +63,8 @@ def test_method_suite_trains_evaluates_and_summarises(tmp_path):
     # a static encoder has no multi-level code: its pooled features are not mistaken for one
     assert rows["diffae"]["headline"]["multi_level_probe"] is None
     assert all(r["headline"]["pooled_probe"] is not None for r in rows.values())
+    assert all(r["headline"]["denoiser_probe"] is not None and r["headline"]["denoiser_readout"]["blocks"] == [0]
+               for r in rows.values())  # depth 1: the one block
     assert (collected / "samples.png").exists() and "| mldae | ok |" in (collected / "summary.md").read_text()
 
 

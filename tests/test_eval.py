@@ -55,6 +55,33 @@ def test_knn_and_few_shot_sanity():
     assert few["mean"] < full["accuracy"], (few, full)
 
 
+def test_denoiser_readout_is_chosen_on_held_out_train_not_test():
+    from types import SimpleNamespace
+
+    from diffae.eval import readout
+
+    assert readout.candidate_blocks(12) == [2, 5, 7, 9] and readout.candidate_blocks(2) == [0, 1]
+    x, y = _blobs(600, sep=8.0)
+    calls = []
+
+    class Pipe:  # features that separate the classes only at t = 0.15 after the second candidate block
+        model = SimpleNamespace(denoiser=SimpleNamespace(blocks=[None] * 12))
+
+        def denoiser_features(self, images, t, blocks, batch_size, seed):
+            calls.append((t, tuple(blocks)))
+            g = torch.Generator().manual_seed(int(1000 * t))
+            return [x if (t, b) == (0.15, 5) else torch.randn(x.shape, generator=g) for b in blocks]
+
+    best = readout.choose(Pipe(), torch.zeros(600, 1, 28, 28), y)
+    assert calls == [(t, (2, 5, 7, 9)) for t in readout.TIMES]  # one pass per t for all blocks
+    assert (best["t"], best["blocks"]) == (0.15, [5]) and best["val_accuracy"] > 0.98
+    assert best["train_features"] is x
+    # every single block and every t's concatenation scored; noise near chance
+    assert len(best["scores"]) == len(readout.TIMES) * 5
+    noise = [s["val_accuracy"] for s in best["scores"] if s["t"] != 0.15]
+    assert max(noise) < 0.3, noise
+
+
 def test_frechet_distance_zero_on_itself_and_grows_with_a_shift():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(2000, 8, generator=g) @ torch.randn(8, 8, generator=g)
@@ -95,8 +122,12 @@ def test_eval_quick_writes_results_and_figures(micro_cfg, tmp_path, capsys):
     assert main(argv) == 0
     r = json.loads((out / "results.json").read_text())
     # the code, the multi-level code (3 t), the pooled features below the code head (encoder.dim)
-    assert [(rep["kind"], rep["dim"]) for rep in r["representation"]] == [("code", 8), ("multi_level", 24),
-                                                                          ("pooled", 32)]
+    # then the denoiser's features (model.dim per block), read where held-out train chose
+    kinds = [(rep["kind"], rep["dim"]) for rep in r["representation"]]
+    assert kinds[:3] == [("code", 8), ("multi_level", 24), ("pooled", 32)] and kinds[3][0] == "denoiser"
+    chosen = r["representation"][3]["readout"]
+    assert kinds[3][1] == 32 * len(chosen["blocks"]) and chosen["t"] in (0.05, 0.15, 0.3)
+    assert len(chosen["scores"]) == 3 * 3 and chosen["val_accuracy"] == max(s["val_accuracy"] for s in chosen["scores"])
     for rep in r["representation"]:
         assert 0 <= rep["linear_probe"]["accuracy"] <= 1 and 0 <= rep["few_shot"]["mean"] <= 1
     assert [row["t"] for row in r["detail_control"]] == [0.25, 0.75]

@@ -4,6 +4,7 @@ import torch
 from diffae.config import PRESETS, get_preset
 from diffae.errors import InputError
 from diffae.nn.autoencoder import DEFAULT_CODE_T, DiffusionAutoencoder
+from diffae.nn.layers import run_blocks
 
 
 def _images(cfg, b=2, seed=0):
@@ -108,6 +109,48 @@ def test_pooled_features_are_what_the_code_is_read_from(micro_cfg, kind):
     if kind == "time":  # t=None reads the default code t, as the code does
         torch.testing.assert_close(model.encode(x, pooled=True), model.encode(x, DEFAULT_CODE_T, pooled=True))
         assert model.encode(x, [0.1, 0.9], pooled=True).shape == (3, 2 * cfg.encoder.dim)
+
+
+@pytest.mark.parametrize("conditioning", ["adaln", "scale", "cross-attn"])
+def test_denoiser_features_are_the_residual_stream_of_the_noised_image_under_its_code(micro_cfg, conditioning):
+    cfg = micro_cfg.override([f"model.conditioning={conditioning}", "model.depth=3", "encoder.kind=time"])
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder(cfg).eval()
+    _leave_identity_init(model)
+    x, t = _images(cfg, b=3), 0.3
+    feats = model.denoiser_features(x, t, [0, 2], torch.Generator().manual_seed(5))
+    assert [f.shape for f in feats] == [(3, cfg.model.dim)] * 2
+    # by hand: the same noise, the code at t, the blocks run one by one
+    tt = torch.full((3,), t)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    alpha, sigma = model.process.alpha_sigma(tt)
+    x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * eps
+    dit = model.denoiser
+    with torch.no_grad():
+        cond = dit.condition(tt, model.encode_latent(x, tt).z)[0]
+        want = []
+        for i in range(3):  # each prefix of the blocks run alone
+            mods = [*cond.mods[:i + 1], None]
+            stream_i, _ = run_blocks(dit.blocks[:i + 1], False, dit.x_embed(x_t), mods,
+                                     None if cond.kv is None else cond.kv[:i + 1])
+            want.append(stream_i.mean(1))
+    torch.testing.assert_close(feats[0], want[0])
+    torch.testing.assert_close(feats[1], want[2])
+    # the last block's stream is what the final layer reads in the full denoiser
+    with torch.no_grad():
+        full, _ = run_blocks(dit.blocks, False, dit.x_embed(x_t), cond.mods, cond.kv)
+    torch.testing.assert_close(feats[1], full.mean(1))
+    # seeded: the same generator gives the same features, t and the code both matter
+    again = model.denoiser_features(x, t, [2], torch.Generator().manual_seed(5))[0]
+    torch.testing.assert_close(again, feats[1], rtol=0, atol=0)
+    assert (model.denoiser_features(x, 0.6, [2], torch.Generator().manual_seed(5))[0] - feats[1]).abs().max() > 1e-4
+    with torch.no_grad():
+        model.encoder.head.proj.bias.add_(1.0)
+    assert (model.denoiser_features(x, t, [2], torch.Generator().manual_seed(5))[0] - feats[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="blocks must be indices"):
+        model.denoiser_features(x, t, [3])
+    with pytest.raises(InputError, match="t must be in"):
+        model.denoiser_features(x, 1.5, [0])
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -175,6 +175,20 @@ class Pipeline:
         return torch.cat(outs)
 
     @torch.no_grad()
+    def denoiser_features(self, images: torch.Tensor, t: float, blocks: list[int], batch_size: int = 512,
+                          seed: int = 0) -> list[torch.Tensor]:
+        """DiffusionAutoencoder.denoiser_features over a dataset in batches: a list of (N, dim) fp32,
+        one per block; the noise comes from one generator seeded with `seed`, so the same call
+        gives the same features."""
+        images = self._as_images(images)
+        g = self._generator(seed)
+        parts = []
+        for i in range(0, images.shape[0], batch_size):
+            with autocast(self.device, self.cfg.train.bf16):
+                parts.append(self.model.denoiser_features(images[i:i + batch_size], t, blocks, g))
+        return [torch.cat(per_block) for per_block in zip(*parts)]
+
+    @torch.no_grad()
     def sample_latents(self, n: int, steps: int = 50, seed: int | None = 0) -> torch.Tensor:
         """z for unconditional generation: the latent prior's samples, or the head's own prior
         (Bernoulli bits, or N(0, I) for a Gaussian code)."""

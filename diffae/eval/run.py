@@ -23,7 +23,7 @@ from ..diffusion.samplers import SAMPLERS
 from ..errors import CheckpointError, ConfigError, InputError, OutputError
 from ..images import edit_grid
 from . import fd as fdlib
-from . import plots, probe, reconstruction, report
+from . import plots, probe, readout, reconstruction, report
 
 STEPS = (5, 10, 20, 50, 100)
 SECTIONS = ("representation", "detail", "reconstruction", "figures", "generation")
@@ -51,6 +51,7 @@ class EvalOptions:
     edit_target: int = 1                # figures: edits toward this label (Fashion-MNIST: Trouser, easy to see)
     seed: int = 0
     sections: tuple = SECTIONS
+    denoiser_readout: bool = True       # representation: also probe the denoiser's features (eval/readout.py)
 
     def resolved(self) -> "EvalOptions":
         unknown = [s for s in self.sections if s not in SECTIONS]
@@ -86,6 +87,19 @@ def _evaluate_embedding(name, kind, tr, te, ytr, yte, seed) -> dict:
     _log(f"{name}: linear probe {lp['accuracy']:.4f}, kNN {knn['accuracy']:.4f}, "
          f"10-shot {fs['mean']:.4f} ± {fs['std']:.4f}")
     return {"name": name, "kind": kind, "dim": int(tr.shape[1]), "linear_probe": lp, "knn": knn, "few_shot": fs}
+
+
+def _denoiser_readout(pipe, tr_x, tr_y, te_x, te_y, o: EvalOptions) -> dict:
+    """The denoiser's features, read where a held-out part of train says they separate best."""
+    best = readout.choose(pipe, tr_x, tr_y, o.batch_size, o.seed, log=_log)
+    te = readout.features(pipe, te_x, best["t"], best["blocks"], o.batch_size, o.seed)
+    blocks = ", ".join(str(b) for b in best["blocks"])
+    name = (f"D(x_t, t={best['t']:g}, z)'s residual stream after block{'s' * (len(best['blocks']) > 1)} {blocks} "
+            "(0-based), mean over tokens; t and blocks chosen on held-out train")
+    rep = _evaluate_embedding(name, "denoiser", best["train_features"], te, tr_y, te_y, o.seed)
+    rep["readout"] = {"t": best["t"], "blocks": best["blocks"], "val_accuracy": best["val_accuracy"],
+                      "val_frac": readout.VAL_FRAC, "scores": best["scores"]}
+    return rep
 
 
 def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = None,
@@ -159,6 +173,9 @@ def evaluate(ckpt: str | Path, out_dir: str | Path, opts: EvalOptions | None = N
                     save()  # an evaluation stopped later (a time limit) keeps the embeddings already scored
                     if main_test_emb is None:
                         main_test_emb = te
+                if o.denoiser_readout:
+                    reps.append(_denoiser_readout(pipe, tr_x, tr_y, te_x, te_y, o))
+                    save()
     # --- reconstruction ------------------------------------------------------------------------
     if "reconstruction" in o.sections:
         with timed("reconstruction"):

@@ -106,6 +106,25 @@ class DiffusionAutoencoder(nn.Module):
             raise InputError("a list of t needs a time-dependent encoder (encoder.kind='time')")
         return torch.cat([self.encode(x0, float(ti), pooled) for ti in t], -1)
 
+    @torch.no_grad()
+    def denoiser_features(self, x0: torch.Tensor, t: float, blocks: list[int],
+                          generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The denoiser's own features of images in [-1, 1], a readout beside the code (as in DDAE,
+        Xiang et al. 2023, which probes a diffusion model's activations): x0 noised to x_t at time t
+        (eps drawn from `generator`), D run under the code it was trained with at t (E(x0, t), or
+        E(x0)), the residual stream after each of `blocks` (0-based) averaged over tokens.
+        A list of (B, model.dim) fp32, one per block."""
+        self.check_images(x0)
+        if not 0.0 <= t <= 1.0:
+            raise InputError(f"t must be in [0, 1], got {t}")
+        tt = torch.full((x0.shape[0],), float(t), device=x0.device)
+        z = self.encode_latent(x0, self._code_t(x0, tt)).z
+        alpha, sigma = self.process.alpha_sigma(tt)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        x_t = alpha.view(-1, 1, 1, 1) * x0.float() + sigma.view(-1, 1, 1, 1) * eps
+        x_t = x_t * self.process.input_scale(alpha, sigma).view(-1, 1, 1, 1)
+        return self.denoiser.block_features(x_t, self.denoiser.condition(tt, z)[0], blocks)
+
     def draw_noise(self, n: int, device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The randomness of one loss evaluation on n images: times "t" (n,), Gaussian noise "eps"
         (n, C, H, W), for a sampled code the latent head's "latent" (n, z_dim), and when the

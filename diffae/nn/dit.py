@@ -67,6 +67,17 @@ class DiT(nn.Module):
         _, h = run_blocks(self.blocks, self.cfg.activation_checkpointing, self.x_embed(x), *cond)
         return self.unpatchify(self.out(h))  # h: the final layer's modulated input (B, N, p*p*C)
 
+    def block_features(self, x: torch.Tensor, cond: Conditioning, blocks: list[int]) -> list[torch.Tensor]:
+        """The residual stream after each of `blocks` (0-based), averaged over tokens: (B, dim) fp32
+        each, the denoiser's own features of x.  Runs only as many blocks as the deepest one needs."""
+        if not blocks or min(blocks) < 0 or max(blocks) >= len(self.blocks):
+            raise ValueError(f"blocks must be indices in [0, {len(self.blocks)}), got {blocks}")
+        n = max(blocks) + 1
+        taps: list[torch.Tensor] = []
+        run_blocks(self.blocks[:n], False, self.x_embed(x), [*cond.mods[:n], None],
+                   None if cond.kv is None else cond.kv[:n], taps=taps)
+        return [taps[b].float().mean(1) for b in blocks]
+
     def condition(self, t: torch.Tensor, z: torch.Tensor) -> list[Conditioning]:
         """What the blocks read besides the tokens, for S steps at once: t (S*B,) holds the S steps'
         times for the B latents z (B, z_dim), step-major (S = 1 in training).  One Conditioning per step.

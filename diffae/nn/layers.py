@@ -99,13 +99,17 @@ def shift_scale(mod: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mod[:, :C], mod[:, C:2 * C]
 
 
-def run_blocks(blocks, checkpointed: bool, x: torch.Tensor, mods: list, kv: list | None = None):
+def run_blocks(blocks, checkpointed: bool, x: torch.Tensor, mods: list, kv: list | None = None,
+               taps: list | None = None):
     """x through AdaLN blocks, mods[i] modulating block i and mods[len(blocks)] (None if nothing
     follows) the input it hands on.  Only the first input is modulated here: every later one comes
-    out of the previous block's last residual op.  Returns (the residual stream, that last input)."""
+    out of the previous block's last residual op.  Returns (the residual stream, that last input);
+    `taps`, when given, receives the residual stream after every block."""
     h = ops.adaln_modulate(x, *shift_scale(mods[0], x.shape[-1]), out_dtype=gemm_dtype(x))
     for i, block in enumerate(blocks):
         x, h = run_block(block, checkpointed, x, h, mods[i], mods[i + 1], None if kv is None else kv[i])
+        if taps is not None:
+            taps.append(x)
     return x, h
 
 
